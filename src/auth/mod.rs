@@ -1,0 +1,173 @@
+//! The authorization decision: request head + snapshot + key cache → allow with a
+//! [`Principal`], or a typed [`Rejection`]. Pure apart from the cache read: the clock is an
+//! argument, nothing is written, and the allow path does not allocate for a normalized path.
+//!
+//! Steps, in order (DESIGN "request pipeline" 1–5): normalize the target, find the route, read
+//! the credential headers, resolve the key, check the project, the expiry and the scopes.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use http::{header, HeaderMap, Method, Uri};
+
+use crate::config::Snapshot;
+use crate::error::Rejection;
+use crate::keys::cache::{CachedKey, KeyCache};
+use crate::keys::scopes::ScopeSet;
+use crate::keys::{Digest, EPHEMERAL_PREFIX};
+use crate::routes::normalize::normalize_path;
+use crate::routes::Route;
+
+pub const KEY_HEADER: &str = "x-appwrite-key";
+pub const PROJECT_HEADER: &str = "x-appwrite-project";
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// No key: Appwrite's `guests` role, holding the configured guest scopes.
+    Guest,
+    /// A valid, unexpired key of the project the request names.
+    Key(Arc<CachedKey>),
+}
+
+impl Principal {
+    pub fn key_id(&self) -> Option<&str> {
+        match self {
+            Principal::Guest => None,
+            Principal::Key(key) => Some(&key.id),
+        }
+    }
+
+    pub fn project(&self) -> Option<&str> {
+        match self {
+            Principal::Guest => None,
+            Principal::Key(key) => Some(&key.project),
+        }
+    }
+}
+
+/// An allowed request.
+#[derive(Debug)]
+pub struct Decision<'s, 'r> {
+    pub route: &'s Route,
+    pub principal: Principal,
+    /// The scopes the caller holds (key scopes plus implicit ones, or the guest scopes).
+    pub scopes: ScopeSet,
+    /// The normalized path: what was authorized, and exactly what must be forwarded.
+    pub path: Cow<'r, str>,
+    /// The project the request named, when it named one.
+    pub project: Option<&'r str>,
+}
+
+/// Decides one request. `now` is the current time in Unix seconds.
+pub fn decide<'s, 'r>(
+    snapshot: &'s Snapshot,
+    keys: &KeyCache,
+    method: &Method,
+    uri: &'r Uri,
+    headers: &'r HeaderMap,
+    now: i64,
+) -> Result<Decision<'s, 'r>, Rejection> {
+    check_authority(uri, headers)?;
+    let path = normalize_path(uri.path())?;
+    let route = snapshot
+        .routes
+        .find(method, &path)
+        .ok_or(Rejection::RouteNotFound)?;
+
+    let key = single_header(headers, KEY_HEADER, "X-Appwrite-Key")?;
+    let project = single_header(headers, PROJECT_HEADER, "X-Appwrite-Project")?
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| Rejection::BadHeader("X-Appwrite-Project"))
+        })
+        .transpose()?;
+
+    let principal = match key {
+        None => {
+            if let Some(project) = project {
+                snapshot.project(project).ok_or(Rejection::UnknownProject)?;
+            }
+            Principal::Guest
+        }
+        Some(value) => {
+            let key = resolve(keys, value.as_bytes())?;
+            if project != Some(&*key.project) {
+                return Err(Rejection::ProjectMismatch);
+            }
+            if snapshot.project(&key.project).is_none() {
+                return Err(Rejection::UnknownProject);
+            }
+            if key.expire.is_some_and(|expire| expire <= now) {
+                return Err(Rejection::KeyExpired);
+            }
+            Principal::Key(key)
+        }
+    };
+
+    let scopes = match &principal {
+        Principal::Guest => snapshot.guest_scopes,
+        Principal::Key(key) => key.scopes.union(&snapshot.implicit_scopes),
+    };
+    if !route.public && !route.scopes.intersects(&scopes) {
+        return Err(Rejection::MissingScope {
+            principal: match principal {
+                Principal::Guest => "a guest (no API key)",
+                Principal::Key(_) => "the API key",
+            },
+            needed: route.scope_names.clone(),
+        });
+    }
+    Ok(Decision {
+        route,
+        principal,
+        scopes,
+        path,
+        project,
+    })
+}
+
+/// An absolute-form target (or an HTTP/2 `:authority`) must agree with `Host` when both exist.
+fn check_authority(uri: &Uri, headers: &HeaderMap) -> Result<(), Rejection> {
+    let Some(authority) = uri.authority() else {
+        return Ok(());
+    };
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) => Ok(()),
+        (Some(host), None)
+            if host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
+        {
+            Ok(())
+        }
+        (Some(_), None) => Err(Rejection::BadTarget(
+            "the target's authority disagrees with Host",
+        )),
+        (Some(_), Some(_)) => Err(Rejection::RepeatedHeader("Host")),
+    }
+}
+
+fn single_header<'h>(
+    headers: &'h HeaderMap,
+    name: &'static str,
+    display: &'static str,
+) -> Result<Option<&'h http::HeaderValue>, Rejection> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (Some(_), Some(_)) => Err(Rejection::RepeatedHeader(display)),
+        (first, _) => Ok(first),
+    }
+}
+
+/// Secret → key. A malformed or unknown secret is an unknown key; nothing is compared as a
+/// string, only looked up by digest.
+fn resolve(keys: &KeyCache, secret: &[u8]) -> Result<Arc<CachedKey>, Rejection> {
+    if secret.is_empty() || secret.starts_with(EPHEMERAL_PREFIX.as_bytes()) {
+        return Err(Rejection::UnknownKey);
+    }
+    let secret = std::str::from_utf8(secret).map_err(|_| Rejection::UnknownKey)?;
+    keys.lookup(&Digest::of(secret))
+        .ok_or(Rejection::UnknownKey)
+}

@@ -1,0 +1,173 @@
+//! Stage one of config loading: the file's shape, exactly. Every struct refuses unknown fields so
+//! a misspelt key is an error, and every string expands `${ENV}` references as it is read.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub server: RawServer,
+    #[serde(default)]
+    pub ops: Option<RawOps>,
+    pub store: RawStore,
+    #[serde(default)]
+    pub projects: BTreeMap<String, RawProject>,
+    #[serde(default)]
+    pub guest_scopes: Vec<Text>,
+    #[serde(default)]
+    pub keys: RawKeys,
+    /// Extra scope names keys may hold although no route uses them yet.
+    #[serde(default)]
+    pub scopes: Vec<Text>,
+    pub upstreams: BTreeMap<String, RawUpstream>,
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawServer {
+    pub listen: Text,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOps {
+    pub listen: Text,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStore {
+    pub url: Text,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProject {
+    #[serde(default)]
+    pub origins: Vec<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawKeys {
+    #[serde(default)]
+    pub implicit_scopes: Option<Vec<Text>>,
+    #[serde(default)]
+    pub ephemeral_secret: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstream {
+    pub url: Text,
+    #[serde(default)]
+    pub forward_key: bool,
+    #[serde(default)]
+    pub timeout: Option<Text>,
+    #[serde(default)]
+    pub connect_timeout: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub methods: Vec<Text>,
+    pub path: Text,
+    #[serde(default)]
+    pub scopes: Vec<Text>,
+    #[serde(default)]
+    pub upstream: Option<Text>,
+    #[serde(default)]
+    pub public: bool,
+}
+
+/// A string from the config with `${NAME}` replaced by the environment variable `NAME`
+/// (`$${` writes a literal `${`). An unset variable is an error at the line that names it.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Text(pub String);
+
+impl fmt::Debug for Text {
+    // Expanded values are often secrets; raw config is never printed whole.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Text(..)")
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        expand_env(&raw, |name| std::env::var(name).ok())
+            .map(Text)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+pub(crate) fn expand_env(
+    raw: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    if !raw.contains('$') {
+        return Ok(raw.to_owned());
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix("${") {
+            out.push_str("${");
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix('{') {
+            let end = tail
+                .find('}')
+                .ok_or_else(|| "unterminated ${ in value".to_owned())?;
+            let name = &tail[..end];
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!(
+                    "`${{{name}}}` is not a valid environment variable reference"
+                ));
+            }
+            let value =
+                lookup(name).ok_or_else(|| format!("environment variable `{name}` is not set"))?;
+            out.push_str(&value);
+            rest = &tail[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "SECRET").then(|| "s3cr3t".to_owned())
+    }
+
+    #[test]
+    fn expands_and_escapes() {
+        assert_eq!(expand_env("a${SECRET}b", env).unwrap(), "as3cr3tb");
+        assert_eq!(expand_env("$${SECRET}", env).unwrap(), "${SECRET}");
+        assert_eq!(expand_env("cost $5", env).unwrap(), "cost $5");
+        assert!(expand_env("${MISSING}", env)
+            .unwrap_err()
+            .contains("MISSING"));
+        assert!(expand_env("${SECRET", env).is_err());
+        assert!(expand_env("${A-B}", env).is_err());
+    }
+}
