@@ -175,7 +175,9 @@ async fn any_of_implicit_guest_and_public_scopes() {
     h.request(Method::GET, "/v1/health/version", &[], "")
         .await
         .echo();
-    h.request(Method::HEAD, "/v1/health/version", &[], "").await;
+    let head = h.request(Method::HEAD, "/v1/health/version", &[], "").await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
     h.request(
         Method::GET,
         "/v1/health/version",

@@ -12,6 +12,7 @@ pub const IDENTITY_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-i
 pub const IDENTITY_PROJECT: HeaderName = HeaderName::from_static("x-keygate-project");
 pub const IDENTITY_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
 const IDENTITY_PREFIX: &str = "x-keygate-";
+const DEV_KEY_HEADER: &str = "x-appwrite-dev-key";
 
 /// Headers that describe one connection and must not cross a proxy (RFC 9110 §7.6.1), plus the
 /// proxy-auth pair, which is meant for this hop alone.
@@ -71,7 +72,9 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
         headers.remove(name);
     }
     if !fwd.forward_key {
+        // Credentials are for keygate alone when the upstream does not check them itself.
         headers.remove(KEY_HEADER);
+        headers.remove(DEV_KEY_HEADER);
         if let Some(id) = fwd.key_id.and_then(|v| HeaderValue::from_str(v).ok()) {
             headers.insert(IDENTITY_KEY_ID, id);
         }
@@ -160,6 +163,7 @@ mod tests {
         let id = HeaderValue::from_static("req-1");
         let mut h = headers(&[
             ("x-appwrite-key", "standard_abc"),
+            ("x-appwrite-dev-key", "dev_abc"),
             ("x-keygate-key-id", "admin"),
             ("X-Keygate-Anything", "x"),
             ("x-forwarded-for", "1.2.3.4"),
@@ -167,6 +171,7 @@ mod tests {
         ]);
         to_upstream(&mut h, &forwarding(&id, false));
         assert!(!h.contains_key("x-appwrite-key"));
+        assert!(!h.contains_key("x-appwrite-dev-key"));
         assert_eq!(h["x-keygate-key-id"], "k1");
         assert_eq!(h["x-keygate-project"], "demo");
         assert_eq!(h["x-keygate-scopes"], "users.read");
