@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderValue, Method, Uri};
 use keygate::auth::decide;
 use keygate::config::Snapshot;
 use keygate::keys::cache::KeyCache;
-use keygate::keys::{Digest, KeyRecord, Secret};
+use keygate::keys::{Digest, KeyKind, KeyRecord, Secret};
 use keygate::routes::normalize::normalize_path;
 
 fn record(id: String, digest: Digest) -> KeyRecord {
@@ -21,6 +21,7 @@ fn record(id: String, digest: Digest) -> KeyRecord {
     KeyRecord {
         id,
         project: "demo".into(),
+        kind: KeyKind::Standard,
         name: "bench".into(),
         description: String::new(),
         scopes: vec!["documents.read".into()],
@@ -30,6 +31,7 @@ fn record(id: String, digest: Digest) -> KeyRecord {
         accessed_at: None,
         sdks: Vec::new(),
         digest,
+        previous: None,
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use keygate::auth::{decide, Principal};
 use keygate::config::Snapshot;
 use keygate::keys::cache::KeyCache;
-use keygate::keys::{KeyRecord, Secret};
+use keygate::keys::{KeyKind, KeyRecord, Secret};
 
 // The upstream and store are never used by this service; only routes, scopes and projects are.
 const CONFIG: &str = r#"
@@ -50,7 +50,7 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         Ok(decision) => {
             let who = match &decision.principal {
                 Principal::Guest => "a guest".to_owned(),
-                Principal::Key(key) => format!("key {}", key.id),
+                principal => format!("{} {}", principal.kind(), principal.key_id().unwrap_or("")),
             };
             Response::new(Full::new(Bytes::from(format!(
                 "{} {} allowed for {who} (route {})\n",
@@ -73,6 +73,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         &KeyRecord {
             id: "reporter".into(),
             project: "demo".into(),
+            kind: KeyKind::Standard,
             name: "Reporter".into(),
             description: String::new(),
             scopes: vec!["reports.read".into()],
@@ -82,6 +83,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             accessed_at: None,
             sdks: Vec::new(),
             digest: secret.digest(),
+            previous: None,
         },
         &snapshot.scopes,
     );

@@ -16,9 +16,10 @@ use tokio::net::TcpListener;
 use keygate::config::{Snapshot, StoreUrl};
 use keygate::gateway::Gateway;
 use keygate::keys::input::{self, KeyInput};
-use keygate::keys::store::{self, KeyStore, KeyUpdate, NewKey, StoreError};
-use keygate::keys::Secret;
+use keygate::keys::store::{self, Actor, KeyStore, KeyUpdate, NewKey, Rotation, StoreError};
+use keygate::keys::{KeyKind, Secret};
 use keygate::routes::normalize::normalize_path;
+use keygate::routes::RouteTarget;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +48,14 @@ enum Command {
     /// Inspect the route table.
     #[command(subcommand)]
     Routes(RoutesCommand),
+    /// Print the audit log of key changes (never a secret).
+    Audit {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Only events of this key id.
+        #[arg(long)]
+        key: Option<String>,
+    },
     /// Run the bundled echo upstream alone.
     SampleUpstream {
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -116,6 +125,27 @@ enum KeysCommand {
         #[command(flatten)]
         target: Target,
         key_id: String,
+    },
+    /// Give a key a new secret and print it; the old one stays valid for --grace.
+    Rotate {
+        #[command(flatten)]
+        target: Target,
+        key_id: String,
+        /// How long the old secret keeps working (e.g. 10m, 24h); capped by the key's expiry.
+        #[arg(long, default_value = "0s")]
+        grace: humantime::Duration,
+    },
+    /// Import keys from Appwrite's list-keys JSON ({total, keys:[…]} with secrets); only
+    /// digests are stored. Keys whose id already exists are skipped.
+    Import {
+        #[command(flatten)]
+        target: Target,
+        file: PathBuf,
+    },
+    /// Export a project's keys in Appwrite's list-keys shape, without secrets.
+    Export {
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -190,6 +220,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { config } => serve(config).await,
         Command::Keys(command) => keys(command).await,
+        Command::Audit { config, key } => {
+            let snapshot = load(config.as_deref())?;
+            let events = open_store(&snapshot).await?.audit(key.as_deref()).await?;
+            print_json(&serde_json::json!({ "total": events.len(), "events": events }))
+        }
         Command::Config(ConfigCommand::Check { file }) => {
             let snapshot = Snapshot::load(&file)?;
             println!(
@@ -241,7 +276,10 @@ fn explain(snapshot: &Snapshot, method: &str, path: &str) -> anyhow::Result<()> 
             "normalized_path": normalized,
             "scopes": route.scope_names.split(", ").filter(|s| !s.is_empty()).collect::<Vec<_>>(),
             "public": route.public,
-            "upstream": snapshot.upstreams[route.upstream].name,
+            "target": match route.target {
+                RouteTarget::Upstream(i) => format!("upstream {}", snapshot.upstreams[i].name),
+                RouteTarget::Admin(endpoint) => format!("keygate key API ({endpoint:?})"),
+            },
         }),
         None => serde_json::json!({
             "matched": false,
@@ -306,22 +344,29 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             let store = open_store(&snapshot).await?;
             let secret = Secret::generate();
             let record = store
-                .create(NewKey {
-                    id: id.clone(),
-                    project: target.project,
-                    name: input.name,
-                    description: input.description,
-                    scopes: input.scopes,
-                    expire: input.expire,
-                    digest: secret.digest(),
-                })
+                .create(
+                    NewKey {
+                        id: id.clone(),
+                        project: target.project,
+                        kind: KeyKind::Standard,
+                        name: input.name,
+                        description: input.description,
+                        scopes: input.scopes,
+                        expire: input.expire,
+                        digest: secret.digest(),
+                    },
+                    Actor::CLI,
+                )
                 .await
                 .map_err(|e| store_error(e, &id))?;
             print_json(&record.to_model(Some(&secret)))
         }
-        KeysCommand::List { target } => {
+        KeysCommand::List { target } | KeysCommand::Export { target } => {
             let snapshot = load(target.config.as_deref())?;
-            let keys = open_store(&snapshot).await?.list(&target.project).await?;
+            let keys = open_store(&snapshot)
+                .await?
+                .list(&target.project, KeyKind::Standard)
+                .await?;
             let models: Vec<_> = keys.iter().map(|k| k.to_model(None)).collect();
             print_json(&serde_json::json!({ "total": models.len(), "keys": models }))
         }
@@ -371,21 +416,138 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
                         scopes: input.scopes,
                         expire: input.expire,
                     },
+                    Actor::CLI,
                 )
                 .await
                 .map_err(|e| store_error(e, &key_id))?;
             print_json(&record.to_model(None))
         }
+        KeysCommand::Rotate {
+            target,
+            key_id,
+            grace,
+        } => rotate(target, key_id, grace.into()).await,
+        KeysCommand::Import { target, file } => import(target, file).await,
         KeysCommand::Delete { target, key_id } => {
             let snapshot = load(target.config.as_deref())?;
             open_store(&snapshot)
                 .await?
-                .delete(&target.project, &key_id)
+                .delete(&target.project, &key_id, Actor::CLI)
                 .await
                 .map_err(|e| store_error(e, &key_id))?;
             print_json(&serde_json::json!({ "$id": key_id, "deleted": true }))
         }
     }
+}
+
+async fn rotate(target: Target, key_id: String, grace: std::time::Duration) -> anyhow::Result<()> {
+    let snapshot = load(target.config.as_deref())?;
+    let store = open_store(&snapshot).await?;
+    let current = store
+        .get(&target.project, &key_id)
+        .await?
+        .filter(|k| k.kind == KeyKind::Standard)
+        .ok_or_else(|| store_error(StoreError::NotFound, &key_id))?;
+    let grace_until = (!grace.is_zero())
+        .then(|| {
+            chrono::Utc::now() + chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX)
+        })
+        .map(|until| current.expire.map_or(until, |expire| until.min(expire)));
+    let secret = Secret::generate();
+    let record = store
+        .rotate(
+            &target.project,
+            &key_id,
+            Rotation {
+                digest: secret.digest(),
+                grace_until,
+            },
+            Actor::CLI,
+        )
+        .await
+        .map_err(|e| store_error(e, &key_id))?;
+    print_json(&record.to_model(Some(&secret)))
+}
+
+/// One key of Appwrite's list-keys JSON.
+#[derive(serde::Deserialize)]
+struct ImportedKey {
+    #[serde(rename = "$id")]
+    id: String,
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    expire: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    secret: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ImportedList {
+    keys: Vec<ImportedKey>,
+}
+
+async fn import(target: Target, file: PathBuf) -> anyhow::Result<()> {
+    let snapshot = load(target.config.as_deref())?;
+    check_project(&snapshot, &target.project)?;
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let list: ImportedList = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not Appwrite's list-keys JSON", file.display()))?;
+    // Validate everything first: an import is refused whole rather than half done.
+    let mut prepared = Vec::new();
+    for key in list.keys {
+        let context = |e: input::InputError| anyhow::anyhow!("key `{}`: {e}", key.id);
+        if !keygate::keys::is_valid_id(&key.id) {
+            bail!("key `{}`: not a valid key id", key.id);
+        }
+        if key.secret.is_empty() {
+            bail!(
+                "key `{}`: no secret (export from Appwrite with secrets)",
+                key.id
+            );
+        }
+        let expire = match key.expire.as_deref() {
+            None | Some("") => None,
+            Some(value) => Some(input::parse_expire(value).map_err(context)?),
+        };
+        let input = KeyInput {
+            name: key.name,
+            description: key.description,
+            scopes: key.scopes,
+            expire,
+        }
+        .validate(&snapshot)
+        .map_err(context)?;
+        prepared.push((key.id, Secret::from_plaintext(key.secret), input));
+    }
+    let store = open_store(&snapshot).await?;
+    let (mut imported, mut skipped) = (Vec::new(), Vec::new());
+    for (id, secret, input) in prepared {
+        let created = store
+            .create(
+                NewKey {
+                    id: id.clone(),
+                    project: target.project.clone(),
+                    kind: KeyKind::Standard,
+                    name: input.name,
+                    description: input.description,
+                    scopes: input.scopes,
+                    expire: input.expire,
+                    digest: secret.digest(),
+                },
+                Actor::CLI,
+            )
+            .await;
+        match created {
+            Ok(_) => imported.push(id),
+            Err(StoreError::AlreadyExists | StoreError::DuplicateSecret) => skipped.push(id),
+            Err(err) => return Err(anyhow::Error::new(err).context(format!("key `{id}`"))),
+        }
+    }
+    print_json(&serde_json::json!({ "imported": imported, "skipped": skipped }))
 }
 
 fn check_project(snapshot: &Snapshot, project: &str) -> anyhow::Result<()> {
@@ -493,21 +655,25 @@ async fn start_demo(
         ("demo-admin", "Demo admin", all_scopes),
         ("demo-reader", "Demo reader", vec!["users.read".to_owned()]),
     ] {
-        match store.delete(project, id).await {
+        match store.delete(project, id, Actor::CLI).await {
             Ok(()) | Err(StoreError::NotFound) => {}
             Err(err) => return Err(err.into()),
         }
         let secret = Secret::generate();
         let record = store
-            .create(NewKey {
-                id: id.into(),
-                project: project.into(),
-                name: name.into(),
-                description: "created by `keygate serve` for the demo".into(),
-                scopes,
-                expire: None,
-                digest: secret.digest(),
-            })
+            .create(
+                NewKey {
+                    id: id.into(),
+                    project: project.into(),
+                    kind: KeyKind::Standard,
+                    name: name.into(),
+                    description: "created by `keygate serve` for the demo".into(),
+                    scopes,
+                    expire: None,
+                    digest: secret.digest(),
+                },
+                Actor::CLI,
+            )
             .await?;
         gateway.keys().upsert(&record, &snapshot.scopes);
         secrets.push(secret);

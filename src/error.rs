@@ -35,6 +35,31 @@ pub enum Rejection {
         principal: &'static str,
         needed: Arc<str>,
     },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
+    #[error("cursor `{0}` does not name a key in this list")]
+    CursorNotFound(String),
+    #[error("key not found")]
+    KeyNotFound,
+    #[error("a key with this id already exists")]
+    KeyAlreadyExists,
+    /// Delegation ceiling: the request grants scopes the caller does not hold.
+    #[error("the calling key cannot grant scopes it does not hold: {0}")]
+    ScopesExceeded(String),
+    /// Delegation ceiling: the request outlives the caller.
+    #[error("the calling key cannot grant an expiry later than its own")]
+    ExpireExceeded,
+    /// Delegation ceiling: the target key holds more than the caller.
+    #[error("the calling key cannot manage a key that holds more than it does")]
+    TargetForbidden,
+    #[error("{0} are disabled in this deployment")]
+    FeatureDisabled(&'static str),
+    #[error("request body too large")]
+    PayloadTooLarge,
+    #[error("the key store is unavailable; try again")]
+    StoreUnavailable,
     #[error("the upstream could not be reached")]
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
@@ -46,8 +71,11 @@ pub enum Rejection {
 impl Rejection {
     /// The one place where a rejection becomes a status and an Appwrite error type.
     ///
-    /// Types are Appwrite's (`errors.tsv`) where Appwrite has one; `general_bad_gateway` and
-    /// `general_gateway_timeout` are keygate's own, for failures Appwrite itself never reports.
+    /// Types are Appwrite's (`errors.tsv`) where Appwrite has one. keygate's own, in Appwrite's
+    /// style, cover what Appwrite never reports: the delegation ceiling (`key_scopes_exceeded`,
+    /// `key_expire_exceeded`, `key_target_forbidden`), and failures of the gateway's own
+    /// dependencies (`general_bad_gateway`, `general_gateway_timeout`,
+    /// `general_service_unavailable`, `general_payload_too_large`).
     pub fn status_and_type(&self) -> (StatusCode, &'static str) {
         use Rejection::*;
         match self {
@@ -60,6 +88,20 @@ impl Rejection {
             ProjectMismatch => (StatusCode::FORBIDDEN, "project_id_missing"),
             UnknownProject => (StatusCode::NOT_FOUND, "project_not_found"),
             MissingScope { .. } => (StatusCode::UNAUTHORIZED, "general_unauthorized_scope"),
+            InvalidArgument(_) => (StatusCode::BAD_REQUEST, "general_argument_invalid"),
+            InvalidQuery(_) => (StatusCode::BAD_REQUEST, "general_query_invalid"),
+            CursorNotFound(_) => (StatusCode::BAD_REQUEST, "general_cursor_not_found"),
+            KeyNotFound => (StatusCode::NOT_FOUND, "key_not_found"),
+            KeyAlreadyExists => (StatusCode::CONFLICT, "key_already_exists"),
+            ScopesExceeded(_) => (StatusCode::FORBIDDEN, "key_scopes_exceeded"),
+            ExpireExceeded => (StatusCode::FORBIDDEN, "key_expire_exceeded"),
+            TargetForbidden => (StatusCode::FORBIDDEN, "key_target_forbidden"),
+            FeatureDisabled(_) => (StatusCode::FORBIDDEN, "general_service_disabled"),
+            PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "general_payload_too_large"),
+            StoreUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "general_service_unavailable",
+            ),
             UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "general_bad_gateway"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "general_gateway_timeout"),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "general_server_error"),

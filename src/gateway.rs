@@ -10,6 +10,7 @@ use tokio::sync::Mutex;
 use crate::config::Snapshot;
 use crate::keys::cache::KeyCache;
 use crate::keys::store::{self, Cursor, KeyStore, StoreError};
+use crate::keys::usage::UsageRecorder;
 
 /// How often the change feed is polled. Changes made by another process are live within this
 /// interval plus one store round trip (well under the promised second).
@@ -19,6 +20,7 @@ pub struct Gateway {
     config: ArcSwap<Snapshot>,
     keys: KeyCache,
     store: Arc<dyn KeyStore>,
+    usage: UsageRecorder,
     cursor: Mutex<Cursor>,
 }
 
@@ -40,6 +42,7 @@ impl Gateway {
         Ok(Arc::new(Gateway {
             config: ArcSwap::from_pointee(snapshot),
             keys,
+            usage: UsageRecorder::spawn(store.clone()),
             store,
             cursor: Mutex::new(cursor),
         }))
@@ -52,6 +55,10 @@ impl Gateway {
 
     pub fn keys(&self) -> &KeyCache {
         &self.keys
+    }
+
+    pub fn usage(&self) -> &UsageRecorder {
+        &self.usage
     }
 
     pub fn store(&self) -> &Arc<dyn KeyStore> {

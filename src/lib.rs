@@ -23,11 +23,13 @@
 //! - [`sample`]: the bundled echo upstream.
 //! - [`error`]: rejections and the Appwrite error body.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod keys;
+pub mod limits;
 pub mod proxy;
 pub mod routes;
 pub mod sample;

@@ -101,7 +101,7 @@ async fn key_lifecycle_and_secret_shown_once() {
         &["ci-key", "--scopes", "users.read", "--no-expire"],
     ));
     assert_eq!(updated["scopes"], serde_json::json!(["users.read"]));
-    assert_eq!(updated["expire"], serde_json::Value::Null);
+    assert_eq!(updated["expire"], "");
     assert_eq!(updated["name"], "CI");
     assert_eq!(updated["secret"], "");
 

@@ -82,7 +82,10 @@ async fn killed_writers_lose_no_acknowledged_key() {
         .await
         .expect("the store opens cleanly");
     store.ping().await.unwrap();
-    let stored = store.list("demo").await.unwrap();
+    let stored = store
+        .list("demo", keygate::keys::KeyKind::Standard)
+        .await
+        .unwrap();
     for (id, secret) in &acknowledged {
         let record = stored
             .iter()

@@ -13,8 +13,9 @@ use http::{header, HeaderMap, Method, Uri};
 use crate::config::Snapshot;
 use crate::error::Rejection;
 use crate::keys::cache::{CachedKey, KeyCache};
+use crate::keys::ephemeral::EphemeralKey;
 use crate::keys::scopes::ScopeSet;
-use crate::keys::{Digest, EPHEMERAL_PREFIX};
+use crate::keys::{Digest, KeyKind, EPHEMERAL_PREFIX};
 use crate::routes::normalize::normalize_path;
 use crate::routes::Route;
 
@@ -22,19 +23,23 @@ pub const KEY_HEADER: &str = "x-appwrite-key";
 pub const PROJECT_HEADER: &str = "x-appwrite-project";
 
 /// Who is calling.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Principal {
     /// No key: Appwrite's `guests` role, holding the configured guest scopes.
     Guest,
-    /// A valid, unexpired key of the project the request names.
+    /// A valid, unexpired API key of the project the request names.
     Key(Arc<CachedKey>),
+    /// A valid, unexpired ephemeral key (stateless; never stored).
+    Ephemeral(Arc<EphemeralKey>),
 }
 
 impl Principal {
+    /// The key id for logs and audit: the stored key's id, `ephemeral`, or nothing for guests.
     pub fn key_id(&self) -> Option<&str> {
         match self {
             Principal::Guest => None,
             Principal::Key(key) => Some(&key.id),
+            Principal::Ephemeral(_) => Some("ephemeral"),
         }
     }
 
@@ -42,6 +47,25 @@ impl Principal {
         match self {
             Principal::Guest => None,
             Principal::Key(key) => Some(&key.project),
+            Principal::Ephemeral(key) => Some(&key.project),
+        }
+    }
+
+    /// The principal's own expiry, Unix seconds (`None`: never, or a guest).
+    pub fn expire(&self) -> Option<i64> {
+        match self {
+            Principal::Guest => None,
+            Principal::Key(key) => key.expire,
+            Principal::Ephemeral(key) => Some(key.exp),
+        }
+    }
+
+    /// A short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Principal::Guest => "guest",
+            Principal::Key(_) => "key",
+            Principal::Ephemeral(_) => "ephemeral",
         }
     }
 }
@@ -55,8 +79,9 @@ pub struct Decision<'s, 'r> {
     pub scopes: ScopeSet,
     /// The normalized path: what was authorized, and exactly what must be forwarded.
     pub path: Cow<'r, str>,
-    /// The project the request named, when it named one.
-    pub project: Option<&'r str>,
+    /// The project the request is for (from the path of `/v1/projects/{projectId}/…` routes,
+    /// else from `X-Appwrite-Project`), when it names one.
+    pub project: Option<Cow<'r, str>>,
 }
 
 /// Decides one request. `now` is the current time in Unix seconds.
@@ -76,44 +101,60 @@ pub fn decide<'s, 'r>(
         .ok_or(Rejection::RouteNotFound)?;
 
     let key = single_header(headers, KEY_HEADER, "X-Appwrite-Key")?;
-    let project = single_header(headers, PROJECT_HEADER, "X-Appwrite-Project")?
+    let header_project = single_header(headers, PROJECT_HEADER, "X-Appwrite-Project")?
         .map(|v| {
             v.to_str()
                 .map_err(|_| Rejection::BadHeader("X-Appwrite-Project"))
         })
         .transpose()?;
+    let project: Option<Cow<'r, str>> = match route.path_project(&path) {
+        Some(in_path) => {
+            if header_project.is_some_and(|h| h != in_path) {
+                return Err(Rejection::ProjectMismatch);
+            }
+            Some(match &path {
+                Cow::Borrowed(p) => Cow::Borrowed(route.path_project(p).unwrap_or_default()),
+                Cow::Owned(_) => Cow::Owned(in_path.to_owned()),
+            })
+        }
+        None => header_project.map(Cow::Borrowed),
+    };
 
     let principal = match key {
         None => {
-            if let Some(project) = project {
+            if let Some(project) = &project {
                 snapshot.project(project).ok_or(Rejection::UnknownProject)?;
             }
             Principal::Guest
         }
         Some(value) => {
-            let key = resolve(keys, value.as_bytes())?;
-            if project != Some(&*key.project) {
+            let secret =
+                std::str::from_utf8(value.as_bytes()).map_err(|_| Rejection::UnknownKey)?;
+            let principal = resolve(snapshot, keys, secret, now)?;
+            let key_project = principal.project().unwrap_or_default();
+            if project.as_deref() != Some(key_project) {
                 return Err(Rejection::ProjectMismatch);
             }
-            if snapshot.project(&key.project).is_none() {
+            if snapshot.project(key_project).is_none() {
                 return Err(Rejection::UnknownProject);
             }
-            if key.expire.is_some_and(|expire| expire <= now) {
+            if principal.expire().is_some_and(|expire| expire <= now) {
                 return Err(Rejection::KeyExpired);
             }
-            Principal::Key(key)
+            principal
         }
     };
 
     let scopes = match &principal {
         Principal::Guest => snapshot.guest_scopes,
         Principal::Key(key) => key.scopes.union(&snapshot.implicit_scopes),
+        Principal::Ephemeral(key) => key.scopes.union(&snapshot.implicit_scopes),
     };
     if !route.public && !route.scopes.intersects(&scopes) {
         return Err(Rejection::MissingScope {
             principal: match principal {
                 Principal::Guest => "a guest (no API key)",
-                Principal::Key(_) => "the API key",
+                _ => "the API key",
             },
             needed: route.scope_names.clone(),
         });
@@ -161,13 +202,31 @@ fn single_header<'h>(
     }
 }
 
-/// Secret → key. A malformed or unknown secret is an unknown key; nothing is compared as a
-/// string, only looked up by digest.
-fn resolve(keys: &KeyCache, secret: &[u8]) -> Result<Arc<CachedKey>, Rejection> {
-    if secret.is_empty() || secret.starts_with(EPHEMERAL_PREFIX.as_bytes()) {
+/// Secret → principal. A malformed or unknown secret is an unknown key; nothing is compared as
+/// a string: standard keys are looked up by digest, ephemeral keys verified by signature. A dev
+/// key sent as an API key is unknown, as is a rotated-out secret past its grace period.
+fn resolve(
+    snapshot: &Snapshot,
+    keys: &KeyCache,
+    secret: &str,
+    now: i64,
+) -> Result<Principal, Rejection> {
+    if secret.is_empty() {
         return Err(Rejection::UnknownKey);
     }
-    let secret = std::str::from_utf8(secret).map_err(|_| Rejection::UnknownKey)?;
-    keys.lookup(&Digest::of(secret))
-        .ok_or(Rejection::UnknownKey)
+    if secret.starts_with(EPHEMERAL_PREFIX) {
+        let signer = snapshot.ephemeral.as_ref().ok_or(Rejection::UnknownKey)?;
+        return Ok(Principal::Ephemeral(Arc::new(signer.verify(
+            secret,
+            &snapshot.scopes,
+            now,
+        )?)));
+    }
+    let key = keys
+        .lookup(&Digest::of(secret))
+        .ok_or(Rejection::UnknownKey)?;
+    if key.kind != KeyKind::Standard || key.secret_valid_until.is_some_and(|until| until <= now) {
+        return Err(Rejection::UnknownKey);
+    }
+    Ok(Principal::Key(key))
 }

@@ -1,5 +1,5 @@
-//! Config: the YAML file, parsed in two stages (raw serde structs → a validated [`Snapshot`]),
-//! with errors that name the file, line and key.
+//! Config: the YAML file (and the route maps it includes), parsed in two stages (raw serde
+//! structs → a validated [`Snapshot`]), with errors that name the file, line and key.
 //!
 //! A `Snapshot` is immutable; the gateway holds the current one behind an `ArcSwap` and every
 //! request loads it once, so a request sees one consistent config from start to end.
@@ -13,10 +13,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::admin::{self, MANAGEMENT_SCOPES};
+use crate::keys::ephemeral::{EphemeralSigner, SECRET_MIN_LEN};
 use crate::keys::scopes::{ScopeIndex, ScopeSet, MAX_SCOPES};
+use crate::limits::{self, RateLimit};
 use crate::proxy::upstream::Upstream;
-use crate::routes::{MethodSet, Route, RouteTable};
-use raw::{RawConfig, RawRoute, Text};
+use crate::routes::{project_segment, MethodSet, Route, RouteTable, RouteTarget};
+use raw::{RawConfig, RawInclude, RawRoute, Text};
 
 /// The config keygate runs on when none is given: `config/keygate.yaml`, compiled in.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/keygate.yaml");
@@ -24,8 +27,9 @@ const EMBEDDED_NAME: &str = "<embedded config/keygate.yaml>";
 
 /// Appwrite's implicit scopes of every project key.
 pub const DEFAULT_IMPLICIT_SCOPES: [&str; 3] = ["global", "health.read", "graphql"];
-/// Scopes keygate's own key-management API checks; always known.
-pub const BUILTIN_SCOPES: [&str; 2] = ["keys.read", "keys.write"];
+/// Where the ephemeral signing secret is read from when the config names none.
+pub const EPHEMERAL_SECRET_ENV: &str = "KEYGATE_EPHEMERAL_SECRET";
+const DEFAULT_USAGE_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 /// A config that could not be loaded: where, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,26 +73,12 @@ pub struct Project {
     pub origins: Vec<String>,
 }
 
-/// A secret from the config. Never printed.
-#[derive(Clone)]
-pub struct ConfigSecret(String);
-
-impl ConfigSecret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ConfigSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ConfigSecret(<redacted>)")
-    }
-}
-
 /// A validated, immutable config.
 #[derive(Debug)]
 pub struct Snapshot {
     pub source: PathBuf,
+    /// Every file this snapshot was read from: the config and its includes.
+    pub files: Vec<PathBuf>,
     pub listen: SocketAddr,
     pub ops_listen: Option<SocketAddr>,
     pub store: StoreUrl,
@@ -96,21 +86,17 @@ pub struct Snapshot {
     pub scopes: ScopeIndex,
     pub guest_scopes: ScopeSet,
     pub implicit_scopes: ScopeSet,
-    pub ephemeral_secret: Option<ConfigSecret>,
+    /// Present when ephemeral keys are enabled.
+    pub ephemeral: Option<EphemeralSigner>,
+    pub usage_interval: Duration,
     pub upstreams: Vec<Upstream>,
     pub routes: RouteTable,
 }
 
 impl Snapshot {
-    /// Loads and validates a config file.
+    /// Loads and validates a config file and the files it includes.
     pub fn load(path: &Path) -> Result<Snapshot, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
-            file: path.to_owned(),
-            line: None,
-            column: None,
-            key: None,
-            message: format!("cannot read the file: {err}"),
-        })?;
+        let text = read(path)?;
         Self::parse(path, &text)
     }
 
@@ -119,10 +105,35 @@ impl Snapshot {
         Self::parse(Path::new(EMBEDDED_NAME), EMBEDDED_DEFAULT)
     }
 
-    /// Parses and validates config text; `file` only names the source in errors.
+    /// Parses and validates config text; `file` names the source in errors and anchors relative
+    /// include paths.
     pub fn parse(file: &Path, text: &str) -> Result<Snapshot, ConfigError> {
         let raw: RawConfig = yaml::parse(file, text)?;
-        Validator { file, text }.build(raw)
+        let mut sources = vec![Source {
+            file: file.to_owned(),
+            text: text.to_owned(),
+        }];
+        let mut includes = Vec::new();
+        for (i, name) in raw.include.iter().enumerate() {
+            let path = file.parent().unwrap_or_else(|| Path::new("")).join(&**name);
+            let included_text = read(&path).map_err(|mut err| {
+                let at = yaml::locate(text, &format!("include[{i}]"));
+                err.message = format!(
+                    "{} (included from {}{})",
+                    err.message,
+                    file.display(),
+                    at.map(|(l, _)| format!(":{l}")).unwrap_or_default()
+                );
+                err
+            })?;
+            let included: RawInclude = yaml::parse(&path, &included_text)?;
+            sources.push(Source {
+                file: path,
+                text: included_text,
+            });
+            includes.push(included);
+        }
+        Validator { sources: &sources }.build(raw, includes)
     }
 
     pub fn project(&self, id: &str) -> Option<&Project> {
@@ -130,17 +141,45 @@ impl Snapshot {
     }
 }
 
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|err| ConfigError {
+        file: path.to_owned(),
+        line: None,
+        column: None,
+        key: None,
+        message: format!("cannot read the file: {err}"),
+    })
+}
+
+struct Source {
+    file: PathBuf,
+    text: String,
+}
+
 struct Validator<'a> {
-    file: &'a Path,
-    text: &'a str,
+    /// The config first, then its includes in order.
+    sources: &'a [Source],
+}
+
+/// A route and where it was written.
+struct SourcedRoute<'r> {
+    source: usize,
+    key: String,
+    raw: &'r RawRoute,
 }
 
 impl Validator<'_> {
-    fn error(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    fn error_in(
+        &self,
+        source: usize,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         let key = key.into();
-        let location = yaml::locate(self.text, &key);
+        let Source { file, text } = &self.sources[source];
+        let location = yaml::locate(text, &key);
         ConfigError {
-            file: self.file.to_owned(),
+            file: file.clone(),
             line: location.map(|l| l.0),
             column: location.map(|l| l.1),
             key: Some(key),
@@ -148,7 +187,11 @@ impl Validator<'_> {
         }
     }
 
-    fn build(&self, raw: RawConfig) -> Result<Snapshot, ConfigError> {
+    fn error(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        self.error_in(0, key, message)
+    }
+
+    fn build(&self, raw: RawConfig, includes: Vec<RawInclude>) -> Result<Snapshot, ConfigError> {
         let listen = self.socket_addr("server.listen", &raw.server.listen)?;
         let ops_listen = match &raw.ops {
             Some(ops) => Some(self.socket_addr("ops.listen", &ops.listen)?),
@@ -172,31 +215,83 @@ impl Validator<'_> {
             );
         }
 
-        let scopes = self.scope_index(&raw)?;
+        let mut routes_in: Vec<SourcedRoute<'_>> = raw
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| SourcedRoute {
+                source: 0,
+                key: format!("routes[{i}]"),
+                raw: r,
+            })
+            .collect();
+        for (n, include) in includes.iter().enumerate() {
+            routes_in.extend(
+                include
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| SourcedRoute {
+                        source: n + 1,
+                        key: format!("routes[{i}]"),
+                        raw: r,
+                    }),
+            );
+        }
+
+        // Guest scopes: the config's own, else the first include's profile.
+        let (guest_source, guest_key, guest_names): (usize, &str, Vec<&str>) =
+            match &raw.guest_scopes {
+                Some(list) => (0, "guest_scopes", list.iter().map(|s| &**s).collect()),
+                None => includes
+                    .iter()
+                    .enumerate()
+                    .find_map(|(n, inc)| {
+                        inc.guest_scopes.as_ref().map(|list| {
+                            (n + 1, "guest_scopes", list.iter().map(|s| &**s).collect())
+                        })
+                    })
+                    .unwrap_or((0, "guest_scopes", Vec::new())),
+            };
         let implicit_names: Vec<&str> = match &raw.keys.implicit_scopes {
             Some(names) => names.iter().map(|n| &**n).collect(),
             None => DEFAULT_IMPLICIT_SCOPES.to_vec(),
         };
-        let implicit_scopes = scopes.compile_known(implicit_names);
-        let guest_scopes = scopes.compile_known(raw.guest_scopes.iter().map(|n| &**n));
+        for (source, key, names) in [
+            (guest_source, guest_key, &guest_names),
+            (0, "keys.implicit_scopes", &implicit_names),
+        ] {
+            if let Some(name) = names.iter().find(|n| MANAGEMENT_SCOPES.contains(n)) {
+                return Err(self.error_in(
+                    source,
+                    key,
+                    format!("`{name}` may only be granted to a key explicitly"),
+                ));
+            }
+        }
 
-        let ephemeral_secret = raw
-            .keys
-            .ephemeral_secret
-            .as_ref()
-            .map(|s| ConfigSecret(s.0.clone()));
+        let scopes =
+            self.scope_index(&raw, &includes, &guest_names, &implicit_names, &routes_in)?;
+        let implicit_scopes = scopes.compile_known(implicit_names.iter().copied());
+        let guest_scopes = scopes.compile_known(guest_names.iter().copied());
+        let ephemeral = self.ephemeral(&raw)?;
+        let usage_interval = match &raw.keys.usage_interval {
+            Some(value) => self.duration("keys.usage_interval", value)?,
+            None => DEFAULT_USAGE_INTERVAL,
+        };
 
         let mut upstream_index = HashMap::new();
         let mut upstreams = Vec::new();
         for (name, upstream) in &raw.upstreams {
             let key = format!("upstreams.{name}");
-            let timeout =
-                self.duration(&format!("{key}.timeout"), upstream.timeout.as_ref(), 30)?;
-            let connect_timeout = self.duration(
-                &format!("{key}.connect_timeout"),
-                upstream.connect_timeout.as_ref(),
-                5,
-            )?;
+            let timeout = match &upstream.timeout {
+                Some(v) => self.duration(&format!("{key}.timeout"), v)?,
+                None => Duration::from_secs(30),
+            };
+            let connect_timeout = match &upstream.connect_timeout {
+                Some(v) => self.duration(&format!("{key}.connect_timeout"), v)?,
+                None => Duration::from_secs(5),
+            };
             let built = Upstream::new(
                 name,
                 &upstream.url,
@@ -211,17 +306,46 @@ impl Validator<'_> {
         if upstreams.is_empty() {
             return Err(self.error("upstreams", "at least one upstream is required"));
         }
+        let default_upstream = match &raw.default_upstream {
+            Some(name) => Some(*upstream_index.get(&**name).ok_or_else(|| {
+                self.error(
+                    "default_upstream",
+                    format!("unknown upstream `{}`", &**name),
+                )
+            })?),
+            None if upstreams.len() == 1 => Some(0),
+            None => None,
+        };
 
         let mut routes = RouteTable::default();
-        for (i, route) in raw.routes.iter().enumerate() {
-            let built = self.route(i, route, &scopes, &upstream_index)?;
+        for (method, path, endpoint, scope) in admin::ROUTES {
+            let methods = MethodSet::parse(method).expect("built-in route methods are valid");
             routes
-                .push(built)
-                .map_err(|e| self.error(format!("routes[{i}].path"), e.to_string()))?;
+                .push(Route {
+                    index: 0,
+                    pattern: (*path).to_owned(),
+                    methods,
+                    scopes: scopes
+                        .compile([*scope])
+                        .expect("management scopes are always known"),
+                    scope_names: (*scope).into(),
+                    public: false,
+                    target: RouteTarget::Admin(*endpoint),
+                    rate_limit: None,
+                    project_segment: project_segment(path),
+                })
+                .expect("built-in route patterns are valid");
+        }
+        for route in &routes_in {
+            let built = self.route(route, &scopes, &upstream_index, default_upstream)?;
+            routes.push(built).map_err(|e| {
+                self.error_in(route.source, format!("{}.path", route.key), e.to_string())
+            })?;
         }
 
         Ok(Snapshot {
-            source: self.file.to_owned(),
+            source: self.sources[0].file.clone(),
+            files: self.sources.iter().map(|s| s.file.clone()).collect(),
             listen,
             ops_listen,
             store,
@@ -229,70 +353,113 @@ impl Validator<'_> {
             scopes,
             guest_scopes,
             implicit_scopes,
-            ephemeral_secret,
+            ephemeral,
+            usage_interval,
             upstreams,
             routes,
         })
     }
 
-    /// Every scope name the config knows: listed under `scopes`, granted to guests or implicitly
-    /// to keys, used by a route, or checked by keygate itself.
-    fn scope_index(&self, raw: &RawConfig) -> Result<ScopeIndex, ConfigError> {
-        let mut named: Vec<(String, &str)> = Vec::new();
+    /// Every scope name the config knows: listed under `scopes` (here or in an include), granted
+    /// to guests or implicitly to keys, used by a route, or checked by keygate itself.
+    fn scope_index(
+        &self,
+        raw: &RawConfig,
+        includes: &[RawInclude],
+        guest_names: &[&str],
+        implicit_names: &[&str],
+        routes: &[SourcedRoute<'_>],
+    ) -> Result<ScopeIndex, ConfigError> {
+        let mut named: Vec<(usize, String, &str)> = Vec::new();
         for (i, s) in raw.scopes.iter().enumerate() {
-            named.push((format!("scopes[{i}]"), s));
+            named.push((0, format!("scopes[{i}]"), s));
         }
-        for (i, s) in raw.guest_scopes.iter().enumerate() {
-            named.push((format!("guest_scopes[{i}]"), s));
-        }
-        match &raw.keys.implicit_scopes {
-            Some(list) => {
-                for (i, s) in list.iter().enumerate() {
-                    named.push((format!("keys.implicit_scopes[{i}]"), s));
-                }
+        for (n, include) in includes.iter().enumerate() {
+            for (i, s) in include.scopes.iter().enumerate() {
+                named.push((n + 1, format!("scopes[{i}]"), s));
             }
-            None => named.extend(
-                DEFAULT_IMPLICIT_SCOPES
-                    .iter()
-                    .map(|s| ("keys.implicit_scopes".to_owned(), *s)),
-            ),
         }
-        named.extend(BUILTIN_SCOPES.iter().map(|s| ("scopes".to_owned(), *s)));
-        for (r, route) in raw.routes.iter().enumerate() {
-            for (i, s) in route.scopes.iter().enumerate() {
-                named.push((format!("routes[{r}].scopes[{i}]"), s));
+        named.extend(
+            guest_names
+                .iter()
+                .map(|s| (0, "guest_scopes".to_owned(), *s)),
+        );
+        named.extend(
+            implicit_names
+                .iter()
+                .map(|s| (0, "keys.implicit_scopes".to_owned(), *s)),
+        );
+        named.extend(
+            MANAGEMENT_SCOPES
+                .iter()
+                .map(|s| (0, "scopes".to_owned(), *s)),
+        );
+        for route in routes {
+            for (i, s) in route.raw.scopes.iter().enumerate() {
+                named.push((route.source, format!("{}.scopes[{i}]", route.key), s));
             }
         }
         let mut index = ScopeIndex::default();
-        for (key, name) in named {
+        for (source, key, name) in named {
             if !is_valid_scope_name(name) {
-                return Err(self.error(
+                return Err(self.error_in(
+                    source,
                     key,
                     format!("`{name}` is not a scope name (letters, digits and . _ - only)"),
                 ));
             }
             if index.register(name).is_none() {
-                return Err(self.error(key, format!("more than {MAX_SCOPES} distinct scope names")));
+                return Err(self.error_in(
+                    source,
+                    key,
+                    format!("more than {MAX_SCOPES} distinct scope names"),
+                ));
             }
         }
         Ok(index)
     }
 
+    fn ephemeral(&self, raw: &RawConfig) -> Result<Option<EphemeralSigner>, ConfigError> {
+        let secret = match &raw.keys.ephemeral_secret {
+            Some(secret) => Some(secret.0.clone()),
+            None => std::env::var(EPHEMERAL_SECRET_ENV)
+                .ok()
+                .filter(|s| !s.is_empty()),
+        };
+        let enabled = raw.keys.ephemeral.unwrap_or(secret.is_some());
+        match (enabled, secret) {
+            (false, _) => Ok(None),
+            (true, None) => Err(self.error(
+                "keys.ephemeral",
+                format!("ephemeral keys are enabled but no keys.ephemeral_secret (or {EPHEMERAL_SECRET_ENV}) is set"),
+            )),
+            (true, Some(secret)) if secret.len() < SECRET_MIN_LEN => Err(self.error(
+                "keys.ephemeral_secret",
+                format!("the ephemeral signing secret must be at least {SECRET_MIN_LEN} bytes"),
+            )),
+            (true, Some(secret)) => Ok(Some(EphemeralSigner::new(secret.as_bytes()))),
+        }
+    }
+
     fn route(
         &self,
-        i: usize,
-        raw: &RawRoute,
+        route: &SourcedRoute<'_>,
         scopes: &ScopeIndex,
         upstream_index: &HashMap<&str, usize>,
+        default_upstream: Option<usize>,
     ) -> Result<Route, ConfigError> {
-        let key = format!("routes[{i}]");
+        let (source, key, raw) = (route.source, &route.key, route.raw);
+        let err = |k: String, m: String| self.error_in(source, k, m);
         if raw.methods.is_empty() {
-            return Err(self.error(format!("{key}.methods"), "list at least one method"));
+            return Err(err(
+                format!("{key}.methods"),
+                "list at least one method".into(),
+            ));
         }
         let mut methods = MethodSet::empty();
         for (m, name) in raw.methods.iter().enumerate() {
             let parsed = MethodSet::parse(name).ok_or_else(|| {
-                self.error(
+                err(
                     format!("{key}.methods[{m}]"),
                     format!("`{}` is not an HTTP method (upper case, or `*`)", &**name),
                 )
@@ -301,43 +468,68 @@ impl Validator<'_> {
         }
         match (raw.public, raw.scopes.is_empty()) {
             (true, false) => {
-                return Err(self.error(format!("{key}.scopes"), "a public route takes no scopes"))
+                return Err(err(
+                    format!("{key}.scopes"),
+                    "a public route takes no scopes".into(),
+                ))
             }
             (false, true) => {
-                return Err(self.error(
-                    key,
-                    "a route needs `scopes` (any one suffices) or `public: true`",
+                return Err(err(
+                    key.clone(),
+                    "a route needs `scopes` (any one suffices) or `public: true`".into(),
                 ))
             }
             _ => {}
         }
         let scope_set = scopes
             .compile(raw.scopes.iter().map(|s| &**s))
-            .map_err(|e| self.error(format!("{key}.scopes"), e.to_string()))?;
+            .map_err(|e| err(format!("{key}.scopes"), e.to_string()))?;
         let upstream = match &raw.upstream {
             Some(name) => *upstream_index.get(&**name).ok_or_else(|| {
-                self.error(
+                err(
                     format!("{key}.upstream"),
                     format!("unknown upstream `{}`", &**name),
                 )
             })?,
-            None if upstream_index.len() == 1 => 0,
-            None => {
-                return Err(self.error(
-                    key,
-                    "name an `upstream` (there is more than one to choose from)",
-                ))
+            None => default_upstream.ok_or_else(|| {
+                err(
+                    key.clone(),
+                    "name an `upstream`, or set `default_upstream` (there are several upstreams)"
+                        .into(),
+                )
+            })?,
+        };
+        let rate_limit = match &raw.rate_limit {
+            None => None,
+            Some(limit) => {
+                let window =
+                    self.duration_in(source, &format!("{key}.rate_limit.window"), &limit.window)?;
+                let keys = limits::parse_key(&limit.key)
+                    .map_err(|m| err(format!("{key}.rate_limit.key"), m))?;
+                if limit.limit == 0 {
+                    return Err(err(
+                        format!("{key}.rate_limit.limit"),
+                        "a limit must be at least 1".into(),
+                    ));
+                }
+                Some(RateLimit {
+                    limit: limit.limit,
+                    window,
+                    keys,
+                })
             }
         };
         let scope_names: Vec<&str> = raw.scopes.iter().map(|s| &**s).collect();
         Ok(Route {
-            index: i,
+            index: 0,
             pattern: raw.path.0.clone(),
             methods,
             scopes: scope_set,
             scope_names: scope_names.join(", ").into(),
             public: raw.public,
-            upstream,
+            target: RouteTarget::Upstream(upstream),
+            rate_limit,
+            project_segment: project_segment(&raw.path),
         })
     }
 
@@ -360,18 +552,15 @@ impl Validator<'_> {
         }
     }
 
-    fn duration(
-        &self,
-        key: &str,
-        value: Option<&Text>,
-        default_secs: u64,
-    ) -> Result<Duration, ConfigError> {
-        let Some(value) = value else {
-            return Ok(Duration::from_secs(default_secs));
-        };
+    fn duration(&self, key: &str, value: &Text) -> Result<Duration, ConfigError> {
+        self.duration_in(0, key, value)
+    }
+
+    fn duration_in(&self, source: usize, key: &str, value: &Text) -> Result<Duration, ConfigError> {
         match humantime::parse_duration(value) {
             Ok(d) if !d.is_zero() => Ok(d),
-            _ => Err(self.error(
+            _ => Err(self.error_in(
+                source,
                 key,
                 format!(
                     "`{}` is not a positive duration such as 30s or 500ms",
@@ -391,105 +580,4 @@ fn is_valid_scope_name(name: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Result<Snapshot, ConfigError> {
-        Snapshot::parse(Path::new("test.yaml"), text)
-    }
-
-    const BASE: &str = r#"
-server: { listen: "127.0.0.1:0" }
-store: { url: "sqlite://data/test.db" }
-projects: { demo: {} }
-upstreams:
-  api: { url: "http://127.0.0.1:9", forward_key: false, timeout: 2s }
-"#;
-
-    #[test]
-    fn embedded_default_is_valid() {
-        let snapshot = Snapshot::embedded_default().unwrap();
-        assert!(!snapshot.routes.is_empty());
-    }
-
-    #[test]
-    fn validation_errors_name_file_line_and_key() {
-        let text = format!(
-            "{BASE}routes:\n  - {{ methods: [GET], path: /a, scopes: [a.read] }}\n  - {{ methods: [GET], path: /b, scopes: [b.read], upstream: nope }}\n"
-        );
-        let err = parse(&text).unwrap_err();
-        assert_eq!(err.key.as_deref(), Some("routes[1].upstream"));
-        assert_eq!(err.line, Some(9));
-        assert!(err.to_string().starts_with("test.yaml:9:"), "{err}");
-        assert!(err.message.contains("nope"));
-    }
-
-    #[test]
-    fn unknown_fields_are_refused_with_their_line() {
-        let text = format!("{BASE}routes:\n  - {{ methods: [GET], path: /a, scope: [a] }}\n");
-        let err = parse(&text).unwrap_err();
-        assert_eq!(err.line, Some(8), "{err}");
-        assert!(err.message.contains("unknown field `scope`"), "{err}");
-        assert_eq!(err.key.as_deref(), Some("routes[0]"));
-    }
-
-    #[test]
-    fn syntax_errors_name_the_line() {
-        let err = parse("server: { listen: \"127.0.0.1:0\"\nstore: [").unwrap_err();
-        assert!(err.line.is_some(), "{err}");
-    }
-
-    #[test]
-    fn routes_need_scopes_or_public() {
-        let text = format!("{BASE}routes:\n  - {{ methods: [GET], path: /a }}\n");
-        assert!(parse(&text).unwrap_err().message.contains("public"));
-        let text = format!(
-            "{BASE}routes:\n  - {{ methods: [GET], path: /a, public: true, scopes: [x] }}\n"
-        );
-        assert!(parse(&text).is_err());
-        let text = format!("{BASE}routes:\n  - {{ methods: [get], path: /a, public: true }}\n");
-        assert_eq!(
-            parse(&text).unwrap_err().key.as_deref(),
-            Some("routes[0].methods[0]")
-        );
-    }
-
-    #[test]
-    fn scopes_known_from_every_source() {
-        let text = format!(
-            "{BASE}scopes: [extra.scope]\nguest_scopes: [locale.read]\nroutes:\n  - {{ methods: [GET], path: /a, scopes: [a.read, a.write] }}\n"
-        );
-        let snapshot = parse(&text).unwrap();
-        for name in [
-            "extra.scope",
-            "locale.read",
-            "a.read",
-            "a.write",
-            "global",
-            "keys.write",
-        ] {
-            assert!(snapshot.scopes.knows(name), "{name}");
-        }
-        assert!(!snapshot.scopes.knows("a.reda"));
-        assert!(!snapshot.guest_scopes.is_empty());
-    }
-
-    #[test]
-    fn env_substitution_errors_point_at_the_value() {
-        let text = format!(
-            "{BASE}keys: {{ ephemeral_secret: \"${{KEYGATE_TEST_UNSET_VARIABLE}}\" }}\nroutes: []\n"
-        );
-        let err = parse(&text).unwrap_err();
-        assert!(err.message.contains("KEYGATE_TEST_UNSET_VARIABLE"), "{err}");
-        assert_eq!(err.line, Some(7), "{err}");
-    }
-
-    #[test]
-    fn json_loads_too() {
-        let json = r#"{"server": {"listen": "127.0.0.1:0"}, "store": {"url": "sqlite://x.db"},
-            "upstreams": {"a": {"url": "http://127.0.0.1:1"}},
-            "routes": [{"methods": ["GET"], "path": "/x/{id}", "scopes": ["x.read"]}]}"#;
-        let snapshot = parse(json).unwrap();
-        assert_eq!(snapshot.routes.len(), 1);
-    }
-}
+mod tests;

@@ -9,6 +9,9 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
+    /// Route maps to append after `routes`, relative to this file (see [`RawInclude`]).
+    #[serde(default)]
+    pub include: Vec<Text>,
     pub server: RawServer,
     #[serde(default)]
     pub ops: Option<RawOps>,
@@ -16,13 +19,30 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub projects: BTreeMap<String, RawProject>,
     #[serde(default)]
-    pub guest_scopes: Vec<Text>,
+    pub guest_scopes: Option<Vec<Text>>,
     #[serde(default)]
     pub keys: RawKeys,
     /// Extra scope names keys may hold although no route uses them yet.
     #[serde(default)]
     pub scopes: Vec<Text>,
     pub upstreams: BTreeMap<String, RawUpstream>,
+    /// The upstream of routes that name none (required when there are several upstreams).
+    #[serde(default)]
+    pub default_upstream: Option<Text>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+/// An included route map, such as `config/appwrite.yaml`: routes, the scope names they bring,
+/// and the guest scopes of that profile (used when the including file sets none).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawInclude {
+    #[serde(default)]
+    pub guest_scopes: Option<Vec<Text>>,
+    #[serde(default)]
+    pub scopes: Vec<Text>,
+    #[serde(default)]
     pub routes: Vec<RawRoute>,
 }
 
@@ -56,8 +76,14 @@ pub(crate) struct RawProject {
 pub(crate) struct RawKeys {
     #[serde(default)]
     pub implicit_scopes: Option<Vec<Text>>,
+    /// Ephemeral keys on or off; by default on exactly when a secret is configured.
+    #[serde(default)]
+    pub ephemeral: Option<bool>,
     #[serde(default)]
     pub ephemeral_secret: Option<Text>,
+    /// How often `accessedAt` is written at most (Appwrite: 24h).
+    #[serde(default)]
+    pub usage_interval: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +109,18 @@ pub(crate) struct RawRoute {
     pub upstream: Option<Text>,
     #[serde(default)]
     pub public: bool,
+    #[serde(default)]
+    pub rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRateLimit {
+    pub limit: u32,
+    pub window: Text,
+    /// Appwrite's key template (`url:{url},ip:{ip}`, alternatives joined by `|`) or a plain
+    /// comma list of placeholder names (`ip,method,url`).
+    pub key: Text,
 }
 
 /// A string from the config with `${NAME}` replaced by the environment variable `NAME`

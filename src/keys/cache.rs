@@ -2,35 +2,78 @@
 //!
 //! Lookups on the request path are one hash of a SHA-256 digest and one shard read lock; the
 //! secret itself is never compared. Entries are `Arc`s so a request can keep its key after the
-//! shard lock is released (no map reference is ever held across an await).
+//! shard lock is released (no map reference is ever held across an await). A rotated key has two
+//! entries, its new secret and its previous one, until the grace period ends.
 
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
 
 use super::scopes::{ScopeIndex, ScopeSet};
-use super::{Digest, KeyRecord};
+use super::{Digest, KeyKind, KeyRecord};
 
 /// What the request path needs to know about a key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct CachedKey {
     pub id: Arc<str>,
     pub project: Arc<str>,
+    pub kind: KeyKind,
     pub scopes: ScopeSet,
     pub scope_names: Arc<[Box<str>]>,
-    /// Unix seconds; `None` never expires.
+    /// The key's expiry in Unix seconds; `None` never expires.
     pub expire: Option<i64>,
+    /// Set on the entry of a rotated-out secret: it is refused from this moment (Unix seconds).
+    pub secret_valid_until: Option<i64>,
+    /// Usage not yet written, shared by all entries of one key.
+    pub usage: Arc<UsageState>,
 }
 
-impl CachedKey {
-    pub fn from_record(record: &KeyRecord, index: &ScopeIndex) -> CachedKey {
-        CachedKey {
-            id: record.id.as_str().into(),
-            project: record.project.as_str().into(),
-            scopes: index.compile_known(record.scopes.iter().map(String::as_str)),
-            scope_names: record.scopes.iter().map(|s| s.as_str().into()).collect(),
-            expire: record.expire.map(|e| e.timestamp()),
+/// Per-key usage bookkeeping, so the request path can tell in a few instructions whether there
+/// is anything new to write behind it.
+#[derive(Debug, Default)]
+pub struct UsageState {
+    /// When `accessedAt` was last written (or read from the store), Unix seconds.
+    pub last_access_written: AtomicI64,
+    pub sdks: RwLock<Vec<Box<str>>>,
+}
+
+impl UsageState {
+    fn from_record(record: &KeyRecord) -> UsageState {
+        UsageState {
+            last_access_written: AtomicI64::new(record.accessed_at.map_or(0, |a| a.timestamp())),
+            sdks: RwLock::new(record.sdks.iter().map(|s| s.as_str().into()).collect()),
+        }
+    }
+
+    /// Claims the right to write `accessedAt` now, if `interval` seconds have passed since the
+    /// last write. Only one caller wins per interval.
+    pub fn claim_access(&self, now: i64, interval: i64) -> bool {
+        let last = self.last_access_written.load(Ordering::Relaxed);
+        now - last >= interval
+            && self
+                .last_access_written
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Records an SDK name; true when it is new for this key.
+    pub fn claim_sdk(&self, sdk: &str) -> bool {
+        if self
+            .sdks
+            .read()
+            .map(|known| known.iter().any(|s| &**s == sdk))
+            .unwrap_or(true)
+        {
+            return false;
+        }
+        match self.sdks.write() {
+            Ok(mut known) if !known.iter().any(|s| &**s == sdk) => {
+                known.push(sdk.into());
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -87,18 +130,46 @@ impl KeyCache {
             .map(|entry| entry.value().clone())
     }
 
-    /// Inserts or replaces a key. The new digest is live before the old one is removed, so a
+    /// Inserts or replaces a key. The new digests are live before old ones are removed, so a
     /// concurrent request never sees the key missing.
     pub fn upsert(&self, record: &KeyRecord, index: &ScopeIndex) {
-        let entry = Arc::new(CachedKey::from_record(record, index));
-        self.by_digest.insert(record.digest, entry);
         let key = KeyRef {
             project: record.project.as_str().into(),
             id: record.id.as_str().into(),
         };
-        let previous = self.by_id.insert(key, vec![record.digest]);
-        for old in previous.unwrap_or_default() {
-            if old != record.digest {
+        let usage = self
+            .by_id
+            .get(&key)
+            .and_then(|digests| digests.first().and_then(|d| self.lookup(d)))
+            .map(|existing| existing.usage.clone())
+            .unwrap_or_else(|| Arc::new(UsageState::from_record(record)));
+        let current = CachedKey {
+            id: record.id.as_str().into(),
+            project: record.project.as_str().into(),
+            kind: record.kind,
+            scopes: index.compile_known(record.scopes.iter().map(String::as_str)),
+            scope_names: record.scopes.iter().map(|s| s.as_str().into()).collect(),
+            expire: record.expire.map(|e| e.timestamp()),
+            secret_valid_until: None,
+            usage,
+        };
+        let mut digests = vec![record.digest];
+        if let Some(previous) = &record.previous {
+            let entry = CachedKey {
+                id: current.id.clone(),
+                project: current.project.clone(),
+                scope_names: current.scope_names.clone(),
+                usage: current.usage.clone(),
+                secret_valid_until: Some(previous.until.timestamp()),
+                ..current
+            };
+            self.by_digest.insert(previous.digest, Arc::new(entry));
+            digests.push(previous.digest);
+        }
+        self.by_digest.insert(record.digest, Arc::new(current));
+        let replaced = self.by_id.insert(key, digests.clone());
+        for old in replaced.unwrap_or_default() {
+            if !digests.contains(&old) {
                 self.by_digest.remove(&old);
             }
         }
@@ -137,26 +208,27 @@ impl KeyCache {
         }
     }
 
-    /// Number of cached secrets.
+    /// Number of cached keys.
     pub fn len(&self) -> usize {
-        self.by_digest.len()
+        self.by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_digest.is_empty()
+        self.by_id.is_empty()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::Secret;
+    use crate::keys::{PreviousSecret, Secret};
     use chrono::Utc;
 
     fn record(id: &str, secret: &Secret) -> KeyRecord {
         KeyRecord {
             id: id.into(),
             project: "p".into(),
+            kind: KeyKind::Standard,
             name: id.into(),
             description: String::new(),
             scopes: vec!["a".into(), "gone".into()],
@@ -166,6 +238,7 @@ mod tests {
             accessed_at: None,
             sdks: vec![],
             digest: secret.digest(),
+            previous: None,
         }
     }
 
@@ -189,6 +262,44 @@ mod tests {
         cache.remove("p", "k");
         assert!(cache.lookup(&second.digest()).is_none());
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn rotated_keys_keep_their_previous_secret_with_a_deadline() {
+        let index = ScopeIndex::default();
+        let cache = KeyCache::new();
+        let (old, new) = (Secret::generate(), Secret::generate());
+        let until = Utc::now();
+        let mut rotated = record("k", &new);
+        rotated.previous = Some(PreviousSecret {
+            digest: old.digest(),
+            until,
+        });
+        cache.upsert(&rotated, &index);
+        assert_eq!(
+            cache.lookup(&new.digest()).unwrap().secret_valid_until,
+            None
+        );
+        let previous = cache.lookup(&old.digest()).unwrap();
+        assert_eq!(previous.secret_valid_until, Some(until.timestamp()));
+        assert!(Arc::ptr_eq(
+            &previous.usage,
+            &cache.lookup(&new.digest()).unwrap().usage
+        ));
+        // Rotating again without grace drops the old secret.
+        cache.upsert(&record("k", &new), &index);
+        assert!(cache.lookup(&old.digest()).is_none());
+    }
+
+    #[test]
+    fn usage_claims_once_per_interval_and_sdk() {
+        let state = UsageState::default();
+        assert!(state.claim_access(100, 60));
+        assert!(!state.claim_access(120, 60));
+        assert!(state.claim_access(160, 60));
+        assert!(state.claim_sdk("python"));
+        assert!(!state.claim_sdk("python"));
+        assert!(state.claim_sdk("node"));
     }
 
     #[test]

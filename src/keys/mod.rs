@@ -5,9 +5,11 @@
 //! digest is ever stored; the plaintext exists in the create response and nowhere else.
 
 pub mod cache;
+pub mod ephemeral;
 pub mod input;
 pub mod scopes;
 pub mod store;
+pub mod usage;
 
 use std::fmt;
 
@@ -95,11 +97,45 @@ pub fn unique_id() -> String {
     )
 }
 
+/// API keys and dev keys share a model and a store, and are never interchangeable: each is
+/// only ever looked up through its own header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KeyKind {
+    #[default]
+    Standard,
+    Dev,
+}
+
+impl KeyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Standard => "standard",
+            KeyKind::Dev => "dev",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<KeyKind> {
+        match s {
+            "standard" => Some(KeyKind::Standard),
+            "dev" => Some(KeyKind::Dev),
+            _ => None,
+        }
+    }
+}
+
+/// The secret a rotation replaced, valid until its grace period ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreviousSecret {
+    pub digest: Digest,
+    pub until: DateTime<Utc>,
+}
+
 /// A stored key, as the store returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
     pub id: String,
     pub project: String,
+    pub kind: KeyKind,
     pub name: String,
     pub description: String,
     pub scopes: Vec<String>,
@@ -109,6 +145,7 @@ pub struct KeyRecord {
     pub accessed_at: Option<DateTime<Utc>>,
     pub sdks: Vec<String>,
     pub digest: Digest,
+    pub previous: Option<PreviousSecret>,
 }
 
 impl KeyRecord {
@@ -120,7 +157,7 @@ impl KeyRecord {
             updated_at: format_date(&self.updated_at),
             name: self.name.clone(),
             description: self.description.clone(),
-            expire: self.expire.as_ref().map(format_date),
+            expire: self.expire.as_ref().map(format_date).unwrap_or_default(),
             scopes: self.scopes.clone(),
             secret: secret.map(|s| s.expose().to_owned()).unwrap_or_default(),
             accessed_at: self
@@ -148,7 +185,8 @@ pub struct KeyModel {
     pub updated_at: String,
     pub name: String,
     pub description: String,
-    pub expire: Option<String>,
+    /// Empty when the key never expires, as Appwrite sends it.
+    pub expire: String,
     pub scopes: Vec<String>,
     pub secret: String,
     #[serde(rename = "accessedAt")]

@@ -14,10 +14,15 @@ use http::{HeaderValue, Request, Response};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 
+use crate::admin::{self, handler::AdminCall};
 use crate::auth::{decide, Principal};
 use crate::error::Rejection;
 use crate::gateway::Gateway;
+use crate::routes::RouteTarget;
 use headers::{Forwarding, REQUEST_ID};
+
+/// The header Appwrite SDKs name themselves in.
+const SDK_NAME: &str = "x-sdk-name";
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of every response keygate sends.
@@ -42,6 +47,7 @@ pub async fn handle(gateway: &Gateway, req: Request<Incoming>, peer: Peer) -> Re
     let request_id = request_id(req.headers().get(REQUEST_ID));
     let snapshot = gateway.snapshot();
     let (mut parts, body) = req.into_parts();
+    let now = chrono::Utc::now().timestamp();
 
     let decision = decide(
         &snapshot,
@@ -49,7 +55,7 @@ pub async fn handle(gateway: &Gateway, req: Request<Incoming>, peer: Peer) -> Re
         &parts.method,
         &parts.uri,
         &parts.headers,
-        chrono::Utc::now().timestamp(),
+        now,
     );
     let decision = match decision {
         Ok(decision) => decision,
@@ -66,9 +72,56 @@ pub async fn handle(gateway: &Gateway, req: Request<Incoming>, peer: Peer) -> Re
             return reject(&rejection, &request_id);
         }
     };
+    if let Principal::Key(key) = &decision.principal {
+        gateway.usage().observe(
+            key,
+            parts.headers.get(SDK_NAME).map(HeaderValue::as_bytes),
+            now,
+            snapshot.usage_interval,
+        );
+    }
 
     let route = decision.route;
-    let upstream = &snapshot.upstreams[route.upstream];
+    let key_id = decision.principal.key_id().map(str::to_owned);
+    let project = decision.project.as_deref().map(str::to_owned);
+    let principal_kind = decision.principal.kind();
+    let upstream = match route.target {
+        RouteTarget::Upstream(index) => &snapshot.upstreams[index],
+        RouteTarget::Admin(endpoint) => {
+            let call = AdminCall {
+                endpoint,
+                principal: decision.principal.clone(),
+                scopes: decision.scopes,
+                project: project.clone().unwrap_or_default(),
+                key_id: snapshot
+                    .routes
+                    .params(route, &decision.path)
+                    .into_iter()
+                    .find(|(name, _)| name == "keyId")
+                    .map(|(_, value)| value.to_owned()),
+                query: parts.uri.query().map(str::to_owned),
+            };
+            drop(decision);
+            let mut response = admin::handle(gateway, &snapshot, call, body)
+                .await
+                .unwrap_or_else(|rejection| reject(&rejection, &request_id));
+            response
+                .headers_mut()
+                .insert(REQUEST_ID, request_id.clone());
+            tracing::info!(
+                target: "keygate::access",
+                request_id = request_id.to_str().unwrap_or(""),
+                route = route.index,
+                principal = principal_kind,
+                key_id = key_id.as_deref().unwrap_or(""),
+                project = project.as_deref().unwrap_or(""),
+                status = response.status().as_u16(),
+                duration_us = started.elapsed().as_micros() as u64,
+                "served"
+            );
+            return response;
+        }
+    };
     let uri = match upstream.uri_for(&decision.path, parts.uri.query()) {
         Ok(uri) => uri,
         Err(_) => {
@@ -83,17 +136,7 @@ pub async fn handle(gateway: &Gateway, req: Request<Incoming>, peer: Peer) -> Re
     } else {
         snapshot.scopes.names_of(&decision.scopes).join(",")
     };
-    let key_id = decision.principal.key_id().map(str::to_owned);
-    let project = decision
-        .principal
-        .project()
-        .or(decision.project)
-        .map(str::to_owned);
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
-    let principal_kind = match decision.principal {
-        Principal::Guest => "guest",
-        Principal::Key(_) => "key",
-    };
     drop(decision);
     headers::to_upstream(
         &mut parts.headers,

@@ -12,7 +12,18 @@ use std::sync::Arc;
 
 use http::Method;
 
+use crate::admin::Endpoint;
 use crate::keys::scopes::ScopeSet;
+use crate::limits::RateLimit;
+
+/// Where an allowed request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteTarget {
+    /// Forwarded to `Snapshot::upstreams[i]`.
+    Upstream(usize),
+    /// Answered by keygate's key-management API.
+    Admin(Endpoint),
+}
 
 /// A compiled route. Indices into [`RouteTable::routes`] are the route ids used in logs.
 #[derive(Debug, Clone)]
@@ -25,7 +36,28 @@ pub struct Route {
     /// The scope names, comma-joined, for error messages.
     pub scope_names: Arc<str>,
     pub public: bool,
-    pub upstream: usize,
+    pub target: RouteTarget,
+    pub rate_limit: Option<RateLimit>,
+    /// For `/v1/projects/{projectId}/…` routes: the path segment that names the project, which
+    /// then takes precedence over (and must agree with) `X-Appwrite-Project`.
+    pub project_segment: Option<usize>,
+}
+
+impl Route {
+    /// The project named by the path, for routes that carry one.
+    pub fn path_project<'p>(&self, path: &'p str) -> Option<&'p str> {
+        let at = self.project_segment?;
+        path.strip_prefix('/')?.split('/').nth(at)
+    }
+}
+
+/// The segment index of `{projectId}` in `/v1/projects/{projectId}/…` patterns.
+pub fn project_segment(pattern: &str) -> Option<usize> {
+    let mut segments = pattern.strip_prefix('/')?.split('/');
+    (segments.next() == Some("v1")
+        && segments.next() == Some("projects")
+        && segments.next() == Some("{projectId}"))
+    .then_some(2)
 }
 
 /// A set of HTTP methods as a bitmask; `ANY` matches every method.
@@ -268,7 +300,9 @@ mod tests {
                     scopes: ScopeSet::EMPTY,
                     scope_names: "".into(),
                     public: true,
-                    upstream: 0,
+                    target: RouteTarget::Upstream(0),
+                    rate_limit: None,
+                    project_segment: project_segment(pattern),
                 })
                 .unwrap();
         }
@@ -340,6 +374,18 @@ mod tests {
             params,
             vec![("databaseId".into(), "db1"), ("collectionId".into(), "c2")]
         );
+    }
+
+    #[test]
+    fn path_projects() {
+        let t = table(&[
+            ("GET", "/v1/projects/{projectId}/keys"),
+            ("GET", "/v1/project/keys"),
+        ]);
+        let alias = t.find(&Method::GET, "/v1/projects/p1/keys").unwrap();
+        assert_eq!(alias.path_project("/v1/projects/p1/keys"), Some("p1"));
+        let plain = t.find(&Method::GET, "/v1/project/keys").unwrap();
+        assert_eq!(plain.path_project("/v1/project/keys"), None);
     }
 
     #[test]

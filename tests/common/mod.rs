@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 
 use keygate::config::Snapshot;
 use keygate::gateway::Gateway;
-use keygate::keys::store::NewKey;
-use keygate::keys::Secret;
+use keygate::keys::store::{Actor, NewKey};
+use keygate::keys::{KeyKind, Secret};
 use keygate::sample::Echo;
 
 /// The config most tests run on. `{upstream}` and `{db}` are filled in.
@@ -130,15 +130,19 @@ impl Harness {
         let id = keygate::keys::unique_id();
         self.gateway
             .store()
-            .create(NewKey {
-                id: id.clone(),
-                project: project.into(),
-                name: "test".into(),
-                description: String::new(),
-                scopes: scopes.iter().map(|s| s.to_string()).collect(),
-                expire,
-                digest: secret.digest(),
-            })
+            .create(
+                NewKey {
+                    id: id.clone(),
+                    project: project.into(),
+                    kind: KeyKind::Standard,
+                    name: "test".into(),
+                    description: String::new(),
+                    scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                    expire,
+                    digest: secret.digest(),
+                },
+                Actor::CLI,
+            )
             .await
             .unwrap();
         self.gateway.sync_once().await.unwrap();

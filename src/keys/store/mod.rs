@@ -1,17 +1,19 @@
 //! The durable key store behind the cache: a trait the gateway programs against, and its
-//! implementations. A write returns only once it is durable.
+//! implementations. A write returns only once it is durable, and is recorded in the audit log in
+//! the same transaction.
 //!
-//! Every write also appends to a change feed, which is how processes that did not make the
+//! Every key write also appends to a change feed, which is how processes that did not make the
 //! change (the CLI beside a running server, other gateway nodes) learn of it.
 
 mod sqlite;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 
 pub use sqlite::SqliteStore;
 
-use super::{Digest, KeyRecord};
+use super::{Digest, KeyKind, KeyRecord};
 use crate::config::StoreUrl;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,7 @@ pub enum StoreError {
 pub struct NewKey {
     pub id: String,
     pub project: String,
+    pub kind: KeyKind,
     pub name: String,
     pub description: String,
     pub scopes: Vec<String>,
@@ -47,6 +50,44 @@ pub struct KeyUpdate {
     pub expire: Option<DateTime<Utc>>,
 }
 
+/// A new secret for an existing key; the old one stays valid until `grace_until`, if given.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub digest: Digest,
+    pub grace_until: Option<DateTime<Utc>>,
+}
+
+/// Usage seen on the request path, written behind it in batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub project: String,
+    pub id: String,
+    pub accessed_at: Option<DateTime<Utc>>,
+    pub sdks: Vec<String>,
+}
+
+/// Who made a change: `cli`, a key id, or `ephemeral`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Actor<'a>(pub &'a str);
+
+impl Actor<'static> {
+    pub const CLI: Actor<'static> = Actor("cli");
+}
+
+/// One recorded change to a key. Never holds a secret or a digest.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEvent {
+    pub seq: i64,
+    pub at: String,
+    pub actor: String,
+    pub project: String,
+    #[serde(rename = "keyId")]
+    pub key_id: String,
+    pub kind: String,
+    pub action: String,
+    pub changes: serde_json::Value,
+}
+
 /// A key that changed; read it again to learn how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -60,16 +101,30 @@ pub struct Cursor(pub i64);
 
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
-    async fn create(&self, key: NewKey) -> Result<KeyRecord, StoreError>;
+    async fn create(&self, key: NewKey, actor: Actor<'_>) -> Result<KeyRecord, StoreError>;
     async fn get(&self, project: &str, id: &str) -> Result<Option<KeyRecord>, StoreError>;
-    async fn list(&self, project: &str) -> Result<Vec<KeyRecord>, StoreError>;
+    /// A project's keys of one kind, oldest first.
+    async fn list(&self, project: &str, kind: KeyKind) -> Result<Vec<KeyRecord>, StoreError>;
     async fn update(
         &self,
         project: &str,
         id: &str,
         update: KeyUpdate,
+        actor: Actor<'_>,
     ) -> Result<KeyRecord, StoreError>;
-    async fn delete(&self, project: &str, id: &str) -> Result<(), StoreError>;
+    async fn rotate(
+        &self,
+        project: &str,
+        id: &str,
+        rotation: Rotation,
+        actor: Actor<'_>,
+    ) -> Result<KeyRecord, StoreError>;
+    async fn delete(&self, project: &str, id: &str, actor: Actor<'_>) -> Result<(), StoreError>;
+    /// Merges usage into the keys (latest `accessedAt`, union of `sdks`); unknown keys are
+    /// skipped. Not a change: it reaches no change feed and no audit log.
+    async fn record_usage(&self, usage: &[Usage]) -> Result<(), StoreError>;
+    /// The audit log, oldest first, optionally for one key id.
+    async fn audit(&self, key_id: Option<&str>) -> Result<Vec<AuditEvent>, StoreError>;
     /// Every key, and the feed position they reflect.
     async fn load_all(&self) -> Result<(Vec<KeyRecord>, Cursor), StoreError>;
     /// Changes after `cursor`, oldest first, and the position after the last one.
@@ -83,4 +138,45 @@ pub async fn open(url: &StoreUrl) -> Result<std::sync::Arc<dyn KeyStore>, StoreE
     match url {
         StoreUrl::Sqlite(path) => Ok(std::sync::Arc::new(SqliteStore::open(path).await?)),
     }
+}
+
+/// What changed between two versions of a key, for the audit log: `{field: [old, new]}`.
+pub(crate) fn diff(before: &KeyRecord, after: &KeyRecord) -> serde_json::Value {
+    let mut changes = serde_json::Map::new();
+    let mut field = |name: &str, old: serde_json::Value, new: serde_json::Value| {
+        if old != new {
+            changes.insert(name.to_owned(), serde_json::json!([old, new]));
+        }
+    };
+    field(
+        "name",
+        before.name.clone().into(),
+        after.name.clone().into(),
+    );
+    field(
+        "description",
+        before.description.clone().into(),
+        after.description.clone().into(),
+    );
+    field(
+        "scopes",
+        before.scopes.clone().into(),
+        after.scopes.clone().into(),
+    );
+    field(
+        "expire",
+        before.expire.as_ref().map(super::format_date).into(),
+        after.expire.as_ref().map(super::format_date).into(),
+    );
+    serde_json::Value::Object(changes)
+}
+
+/// The audit description of a key as created or deleted.
+pub(crate) fn summary(record: &KeyRecord) -> serde_json::Value {
+    serde_json::json!({
+        "name": record.name,
+        "description": record.description,
+        "scopes": record.scopes,
+        "expire": record.expire.as_ref().map(super::format_date),
+    })
 }

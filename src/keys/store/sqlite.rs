@@ -1,31 +1,37 @@
-//! The embedded store: one SQLite file in WAL mode, `synchronous=FULL`, so a write that returned
-//! survives a kill -9 (and a power cut). Several processes may open the same file; the change
-//! table is how each learns of the others' writes.
+//! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so a write that
+//! returned survives a kill -9 (and a power cut). Several processes may open the same file; the
+//! change table is how each learns of the others' writes.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transaction};
 
-use super::{Change, Cursor, KeyStore, KeyUpdate, NewKey, StoreError};
-use crate::keys::{Digest, KeyRecord};
+use super::{
+    diff, summary, Actor, AuditEvent, Change, Cursor, KeyStore, KeyUpdate, NewKey, Rotation,
+    StoreError, Usage,
+};
+use crate::keys::{format_date, Digest, KeyKind, KeyRecord, PreviousSecret};
 
 const SCHEMA_VERSION: i64 = 1;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (
-    project     TEXT NOT NULL,
-    id          TEXT NOT NULL,
-    name        TEXT NOT NULL,
-    description TEXT NOT NULL DEFAULT '',
-    scopes      TEXT NOT NULL,
-    expire      INTEGER,
-    created_at  INTEGER NOT NULL,
-    updated_at  INTEGER NOT NULL,
-    accessed_at INTEGER,
-    sdks        TEXT NOT NULL DEFAULT '[]',
-    digest      BLOB NOT NULL UNIQUE,
+    project         TEXT NOT NULL,
+    id              TEXT NOT NULL,
+    kind            TEXT NOT NULL DEFAULT 'standard',
+    name            TEXT NOT NULL,
+    description     TEXT NOT NULL DEFAULT '',
+    scopes          TEXT NOT NULL,
+    expire          INTEGER,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    accessed_at     INTEGER,
+    sdks            TEXT NOT NULL DEFAULT '[]',
+    digest          BLOB NOT NULL UNIQUE,
+    previous_digest BLOB UNIQUE,
+    previous_until  INTEGER,
     PRIMARY KEY (project, id)
 );
 CREATE TABLE IF NOT EXISTS key_changes (
@@ -33,9 +39,20 @@ CREATE TABLE IF NOT EXISTS key_changes (
     project TEXT NOT NULL,
     id      TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      INTEGER NOT NULL,
+    actor   TEXT NOT NULL,
+    project TEXT NOT NULL,
+    key_id  TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    changes TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_key ON audit (key_id);
 ";
-const COLUMNS: &str =
-    "project, id, name, description, scopes, expire, created_at, updated_at, accessed_at, sdks, digest";
+const COLUMNS: &str = "project, id, kind, name, description, scopes, expire, created_at, \
+                       updated_at, accessed_at, sdks, digest, previous_digest, previous_until";
 
 /// A SQLite-backed [`KeyStore`]. Blocking SQLite calls run on tokio's blocking pool.
 pub struct SqliteStore {
@@ -76,6 +93,23 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    }
+
+    /// Runs `f` in a write transaction (taken immediately, so it never has to be upgraded).
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.with(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let value = f(&tx)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(value)
+        })
+        .await
     }
 }
 
@@ -119,67 +153,120 @@ fn from_millis(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
 }
 
-fn read_record(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
-    let scopes: String = row.get(4)?;
-    let sdks: String = row.get(9)?;
-    let digest: Vec<u8> = row.get(10)?;
-    let digest: [u8; 32] = digest.try_into().map_err(|_| {
+fn digest_from(blob: Vec<u8>, column: usize) -> rusqlite::Result<Digest> {
+    let bytes: [u8; 32] = blob.try_into().map_err(|_| {
         rusqlite::Error::FromSqlConversionFailure(
-            10,
+            column,
             rusqlite::types::Type::Blob,
             "digest is not 32 bytes".into(),
         )
     })?;
+    Ok(Digest(bytes))
+}
+
+fn read_record(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
+    let kind: String = row.get(2)?;
+    let scopes: String = row.get(5)?;
+    let sdks: String = row.get(10)?;
+    let previous = match (
+        row.get::<_, Option<Vec<u8>>>(12)?,
+        row.get::<_, Option<i64>>(13)?,
+    ) {
+        (Some(digest), Some(until)) => Some(PreviousSecret {
+            digest: digest_from(digest, 12)?,
+            until: from_millis(until),
+        }),
+        _ => None,
+    };
     Ok(KeyRecord {
         project: row.get(0)?,
         id: row.get(1)?,
-        name: row.get(2)?,
-        description: row.get(3)?,
+        // An unknown kind can only come from a newer keygate; treat it as a dev key, which
+        // grants no scope, rather than as an API key.
+        kind: KeyKind::parse(&kind).unwrap_or(KeyKind::Dev),
+        name: row.get(3)?,
+        description: row.get(4)?,
         scopes: serde_json::from_str(&scopes).unwrap_or_default(),
-        expire: row.get::<_, Option<i64>>(5)?.map(from_millis),
-        created_at: from_millis(row.get(6)?),
-        updated_at: from_millis(row.get(7)?),
-        accessed_at: row.get::<_, Option<i64>>(8)?.map(from_millis),
+        expire: row.get::<_, Option<i64>>(6)?.map(from_millis),
+        created_at: from_millis(row.get(7)?),
+        updated_at: from_millis(row.get(8)?),
+        accessed_at: row.get::<_, Option<i64>>(9)?.map(from_millis),
         sdks: serde_json::from_str(&sdks).unwrap_or_default(),
-        digest: Digest(digest),
+        digest: digest_from(row.get(11)?, 11)?,
+        previous,
     })
 }
 
 fn select_one(conn: &Connection, project: &str, id: &str) -> Result<Option<KeyRecord>, StoreError> {
-    conn.query_row(
-        &format!("SELECT {COLUMNS} FROM keys WHERE project = ?1 AND id = ?2"),
-        params![project, id],
-        read_record,
-    )
-    .optional()
+    conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM keys WHERE project = ?1 AND id = ?2"
+    ))
+    .and_then(|mut stmt| stmt.query_row(params![project, id], read_record).optional())
     .map_err(unavailable)
 }
 
-fn record_change(conn: &Connection, project: &str, id: &str) -> Result<(), StoreError> {
-    conn.execute(
+/// Appends to the change feed and the audit log; called inside every write transaction.
+fn record_change(
+    tx: &Transaction<'_>,
+    record: &KeyRecord,
+    actor: Actor<'_>,
+    action: &str,
+    changes: &serde_json::Value,
+) -> Result<(), StoreError> {
+    tx.execute(
         "INSERT INTO key_changes (project, id) VALUES (?1, ?2)",
-        params![project, id],
+        params![record.project, record.id],
     )
-    .map(drop)
-    .map_err(unavailable)
+    .map_err(unavailable)?;
+    tx.execute(
+        "INSERT INTO audit (at, actor, project, key_id, kind, action, changes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            millis(&Utc::now()),
+            actor.0,
+            record.project,
+            record.id,
+            record.kind.as_str(),
+            action,
+            changes.to_string(),
+        ],
+    )
+    .map_err(unavailable)?;
+    Ok(())
 }
 
 fn json(list: &[String]) -> String {
     serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
 }
 
+fn constraint(err: rusqlite::Error) -> StoreError {
+    match err {
+        rusqlite::Error::SqliteFailure(e, Some(msg))
+            if e.code == ErrorCode::ConstraintViolation =>
+        {
+            if msg.contains("digest") {
+                StoreError::DuplicateSecret
+            } else {
+                StoreError::AlreadyExists
+            }
+        }
+        other => unavailable(other),
+    }
+}
+
 #[async_trait]
 impl KeyStore for SqliteStore {
-    async fn create(&self, key: NewKey) -> Result<KeyRecord, StoreError> {
-        self.with(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
+    async fn create(&self, key: NewKey, actor: Actor<'_>) -> Result<KeyRecord, StoreError> {
+        let actor = actor.0.to_owned();
+        self.write(move |tx| {
             let now = millis(&Utc::now());
-            let inserted = tx.execute(
-                "INSERT INTO keys (project, id, name, description, scopes, expire, created_at, updated_at, digest)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
+            tx.execute(
+                "INSERT INTO keys (project, id, kind, name, description, scopes, expire, created_at, updated_at, digest)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
                 params![
                     key.project,
                     key.id,
+                    key.kind.as_str(),
                     key.name,
                     key.description,
                     json(&key.scopes),
@@ -187,24 +274,11 @@ impl KeyStore for SqliteStore {
                     now,
                     &key.digest.0[..],
                 ],
-            );
-            match inserted {
-                Ok(_) => {}
-                Err(rusqlite::Error::SqliteFailure(e, Some(msg)))
-                    if e.code == ErrorCode::ConstraintViolation =>
-                {
-                    return Err(if msg.contains("digest") {
-                        StoreError::DuplicateSecret
-                    } else {
-                        StoreError::AlreadyExists
-                    });
-                }
-                Err(e) => return Err(unavailable(e)),
-            }
-            record_change(&tx, &key.project, &key.id)?;
-            let record = select_one(&tx, &key.project, &key.id)?
+            )
+            .map_err(constraint)?;
+            let record = select_one(tx, &key.project, &key.id)?
                 .ok_or_else(|| StoreError::Unavailable("created key vanished".into()))?;
-            tx.commit().map_err(unavailable)?;
+            record_change(tx, &record, Actor(&actor), "create", &summary(&record))?;
             Ok(record)
         })
         .await
@@ -215,16 +289,16 @@ impl KeyStore for SqliteStore {
         self.with(move |conn| select_one(conn, &project, &id)).await
     }
 
-    async fn list(&self, project: &str) -> Result<Vec<KeyRecord>, StoreError> {
+    async fn list(&self, project: &str, kind: KeyKind) -> Result<Vec<KeyRecord>, StoreError> {
         let project = project.to_owned();
         self.with(move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM keys WHERE project = ?1 ORDER BY created_at, id"
+                    "SELECT {COLUMNS} FROM keys WHERE project = ?1 AND kind = ?2 ORDER BY created_at, id"
                 ))
                 .map_err(unavailable)?;
             let rows = stmt
-                .query_map(params![project], read_record)
+                .query_map(params![project, kind.as_str()], read_record)
                 .map_err(unavailable)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
         })
@@ -236,51 +310,148 @@ impl KeyStore for SqliteStore {
         project: &str,
         id: &str,
         update: KeyUpdate,
+        actor: Actor<'_>,
     ) -> Result<KeyRecord, StoreError> {
-        let (project, id) = (project.to_owned(), id.to_owned());
-        self.with(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
-            let changed = tx
-                .execute(
-                    "UPDATE keys SET name = ?3, description = ?4, scopes = ?5, expire = ?6, updated_at = ?7
-                     WHERE project = ?1 AND id = ?2",
-                    params![
-                        project,
-                        id,
-                        update.name,
-                        update.description,
-                        json(&update.scopes),
-                        update.expire.as_ref().map(millis),
-                        millis(&Utc::now()),
-                    ],
-                )
-                .map_err(unavailable)?;
-            if changed == 0 {
-                return Err(StoreError::NotFound);
-            }
-            record_change(&tx, &project, &id)?;
-            let record = select_one(&tx, &project, &id)?.ok_or(StoreError::NotFound)?;
-            tx.commit().map_err(unavailable)?;
-            Ok(record)
+        let (project, id, actor) = (project.to_owned(), id.to_owned(), actor.0.to_owned());
+        self.write(move |tx| {
+            let before = select_one(tx, &project, &id)?.ok_or(StoreError::NotFound)?;
+            tx.execute(
+                "UPDATE keys SET name = ?3, description = ?4, scopes = ?5, expire = ?6, updated_at = ?7
+                 WHERE project = ?1 AND id = ?2",
+                params![
+                    project,
+                    id,
+                    update.name,
+                    update.description,
+                    json(&update.scopes),
+                    update.expire.as_ref().map(millis),
+                    millis(&Utc::now()),
+                ],
+            )
+            .map_err(unavailable)?;
+            let after = select_one(tx, &project, &id)?.ok_or(StoreError::NotFound)?;
+            record_change(tx, &after, Actor(&actor), "update", &diff(&before, &after))?;
+            Ok(after)
         })
         .await
     }
 
-    async fn delete(&self, project: &str, id: &str) -> Result<(), StoreError> {
-        let (project, id) = (project.to_owned(), id.to_owned());
-        self.with(move |conn| {
-            let tx = conn.transaction().map_err(unavailable)?;
-            let changed = tx
-                .execute(
-                    "DELETE FROM keys WHERE project = ?1 AND id = ?2",
-                    params![project, id],
+    async fn rotate(
+        &self,
+        project: &str,
+        id: &str,
+        rotation: Rotation,
+        actor: Actor<'_>,
+    ) -> Result<KeyRecord, StoreError> {
+        let (project, id, actor) = (project.to_owned(), id.to_owned(), actor.0.to_owned());
+        self.write(move |tx| {
+            let before = select_one(tx, &project, &id)?.ok_or(StoreError::NotFound)?;
+            let (previous_digest, previous_until) = match rotation.grace_until {
+                Some(until) => (Some(before.digest.0.to_vec()), Some(millis(&until))),
+                None => (None, None),
+            };
+            tx.execute(
+                "UPDATE keys SET digest = ?3, previous_digest = ?4, previous_until = ?5, updated_at = ?6
+                 WHERE project = ?1 AND id = ?2",
+                params![
+                    project,
+                    id,
+                    &rotation.digest.0[..],
+                    previous_digest,
+                    previous_until,
+                    millis(&Utc::now()),
+                ],
+            )
+            .map_err(constraint)?;
+            let after = select_one(tx, &project, &id)?.ok_or(StoreError::NotFound)?;
+            let changes = serde_json::json!({
+                "secret": "rotated",
+                "previousSecretValidUntil": rotation.grace_until.as_ref().map(format_date),
+            });
+            record_change(tx, &after, Actor(&actor), "rotate", &changes)?;
+            Ok(after)
+        })
+        .await
+    }
+
+    async fn delete(&self, project: &str, id: &str, actor: Actor<'_>) -> Result<(), StoreError> {
+        let (project, id, actor) = (project.to_owned(), id.to_owned(), actor.0.to_owned());
+        self.write(move |tx| {
+            let before = select_one(tx, &project, &id)?.ok_or(StoreError::NotFound)?;
+            tx.execute(
+                "DELETE FROM keys WHERE project = ?1 AND id = ?2",
+                params![project, id],
+            )
+            .map_err(unavailable)?;
+            record_change(tx, &before, Actor(&actor), "delete", &summary(&before))
+        })
+        .await
+    }
+
+    async fn record_usage(&self, usage: &[Usage]) -> Result<(), StoreError> {
+        let usage = usage.to_vec();
+        self.write(move |tx| {
+            for entry in &usage {
+                let Some(current) = select_one(tx, &entry.project, &entry.id)? else {
+                    continue;
+                };
+                let accessed = match (current.accessed_at, entry.accessed_at) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+                let mut sdks = current.sdks.clone();
+                for sdk in &entry.sdks {
+                    if !sdks.contains(sdk) {
+                        sdks.push(sdk.clone());
+                    }
+                }
+                tx.execute(
+                    "UPDATE keys SET accessed_at = ?3, sdks = ?4 WHERE project = ?1 AND id = ?2",
+                    params![
+                        entry.project,
+                        entry.id,
+                        accessed.as_ref().map(millis),
+                        json(&sdks)
+                    ],
                 )
                 .map_err(unavailable)?;
-            if changed == 0 {
-                return Err(StoreError::NotFound);
             }
-            record_change(&tx, &project, &id)?;
-            tx.commit().map_err(unavailable)
+            Ok(())
+        })
+        .await
+    }
+
+    async fn audit(&self, key_id: Option<&str>) -> Result<Vec<AuditEvent>, StoreError> {
+        let key_id = key_id.map(str::to_owned);
+        self.with(move |conn| {
+            let (sql, args): (&str, Vec<String>) = match key_id {
+                Some(id) => (
+                    "SELECT seq, at, actor, project, key_id, kind, action, changes FROM audit
+                     WHERE key_id = ?1 ORDER BY seq",
+                    vec![id],
+                ),
+                None => (
+                    "SELECT seq, at, actor, project, key_id, kind, action, changes FROM audit ORDER BY seq",
+                    vec![],
+                ),
+            };
+            let mut stmt = conn.prepare(sql).map_err(unavailable)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args), |row| {
+                    let changes: String = row.get(7)?;
+                    Ok(AuditEvent {
+                        seq: row.get(0)?,
+                        at: format_date(&from_millis(row.get(1)?)),
+                        actor: row.get(2)?,
+                        project: row.get(3)?,
+                        key_id: row.get(4)?,
+                        kind: row.get(5)?,
+                        action: row.get(6)?,
+                        changes: serde_json::from_str(&changes).unwrap_or_default(),
+                    })
+                })
+                .map_err(unavailable)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
         })
         .await
     }
