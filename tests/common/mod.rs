@@ -29,7 +29,10 @@ pub const TEST_CONFIG: &str = r#"
 server: { listen: "127.0.0.1:0" }
 store: { url: "sqlite://{db}" }
 projects: { demo: {}, other: {} }
-keys: { implicit_scopes: [global, health.read, graphql] }
+keys:
+  implicit_scopes: [global, health.read, graphql]
+  ephemeral_secret: "test-only-ephemeral-signing-secret-0123456789"
+  usage_interval: 1h
 guest_scopes: [locale.read]
 scopes: [unused.scope]
 upstreams:
@@ -181,6 +184,33 @@ impl Harness {
             headers,
             body,
         }
+    }
+
+    /// A key API call with a key and project; `body` is sent as JSON unless it is null.
+    pub async fn api(
+        &self,
+        method: Method,
+        path: &str,
+        secret: &Secret,
+        project: &str,
+        body: serde_json::Value,
+    ) -> TestResponse {
+        let body = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        self.request(
+            method,
+            path,
+            &[
+                ("x-appwrite-key", secret.expose()),
+                ("x-appwrite-project", project),
+                ("content-type", "application/json"),
+            ],
+            &body,
+        )
+        .await
     }
 
     /// GET with a key and project.
