@@ -258,3 +258,103 @@ fn routes_explain_prints_the_match_as_json() {
     let explained: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(explained["matched"], false);
 }
+
+#[tokio::test]
+async fn rotate_audit_import_and_export() {
+    let h = Harness::start().await;
+    let config = h.config_path.clone();
+    let created = json(&keys(
+        &config,
+        "create",
+        &["--name", "r", "--scopes", "users.read", "--id", "r1"],
+    ));
+    let first = Secret::from_plaintext(created["secret"].as_str().unwrap().to_owned());
+    let rotated = json(&keys(&config, "rotate", &["r1", "--grace", "1h"]));
+    let second = Secret::from_plaintext(rotated["secret"].as_str().unwrap().to_owned());
+    assert_ne!(first, second);
+    // Both secrets work during the grace period.
+    for secret in [&first, &second] {
+        let ok = eventually(Duration::from_secs(1), || async {
+            h.get_as("/v1/users", secret, "demo").await.status == 200
+        })
+        .await;
+        assert!(ok.is_some());
+    }
+
+    // Appwrite's list-keys JSON, with a standard and a legacy (unprefixed) secret.
+    let legacy = "a".repeat(40) + "legacysecret";
+    let standard = Secret::generate();
+    let export = serde_json::json!({"total": 2, "keys": [
+        {"$id": "imp1", "name": "Imported", "expire": "", "scopes": ["users.read"], "secret": standard.expose(), "accessedAt": "", "sdks": []},
+        {"$id": "imp2", "name": "Legacy", "expire": "2099-01-01T00:00:00.000+00:00", "scopes": ["users.read"], "secret": legacy}
+    ]});
+    let file = h.dir.path().join("appwrite-keys.json");
+    std::fs::write(&file, export.to_string()).unwrap();
+    let imported = json(&keys(&config, "import", &[file.to_str().unwrap()]));
+    assert_eq!(imported["imported"], serde_json::json!(["imp1", "imp2"]));
+    for secret in [standard.clone(), Secret::from_plaintext(legacy.clone())] {
+        let ok = eventually(Duration::from_secs(1), || async {
+            h.get_as("/v1/users", &secret, "demo").await.status == 200
+        })
+        .await;
+        assert!(ok.is_some(), "imported key not accepted");
+    }
+    // Importing again is idempotent; a file with an unknown scope is refused whole.
+    let again = json(&keys(&config, "import", &[file.to_str().unwrap()]));
+    assert_eq!(again["skipped"], serde_json::json!(["imp1", "imp2"]));
+    std::fs::write(
+        &file,
+        serde_json::json!({"keys": [
+            {"$id": "ok1", "name": "fine", "scopes": [], "secret": "standard_x1"},
+            {"$id": "bad1", "name": "bad", "scopes": ["nope.read"], "secret": "standard_x2"}
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    one_line_error(&keys(&config, "import", &[file.to_str().unwrap()]));
+    assert!(!String::from_utf8_lossy(&keys(&config, "list", &[]).stdout).contains("ok1"));
+
+    let exported = json(&keys(&config, "export", &[]));
+    let text = exported.to_string();
+    assert!(exported["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|k| k["secret"] == ""));
+    for secret in [
+        first.expose(),
+        second.expose(),
+        standard.expose(),
+        legacy.as_str(),
+    ] {
+        assert!(!text.contains(secret));
+    }
+
+    json(&keys(&config, "delete", &["r1"]));
+    let audit = keygate(&["audit", "--config", config.to_str().unwrap(), "--key", "r1"]);
+    let audit = json(&audit);
+    let actions: Vec<&str> = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, vec!["create", "rotate", "delete"]);
+    assert!(audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["actor"] == "cli"));
+    let all =
+        String::from_utf8_lossy(&keygate(&["audit", "--config", config.to_str().unwrap()]).stdout)
+            .into_owned();
+    assert!(all.contains("imp2"));
+    for secret in [
+        first.expose(),
+        second.expose(),
+        standard.expose(),
+        legacy.as_str(),
+    ] {
+        assert!(!all.contains(secret));
+    }
+}
