@@ -160,6 +160,11 @@ pub async fn handle(
             gateway.keys().remove(project, &target.id);
             let mut response = Response::new(full_body(""));
             *response.status_mut() = StatusCode::NO_CONTENT;
+            // Appwrite's SDKs read Content-Type on every response, 204 included.
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
             Ok(response)
         }
         Endpoint::RotateKey => {
