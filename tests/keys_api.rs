@@ -333,6 +333,18 @@ async fn list_queries() {
         .assert_error(400, "general_query_invalid");
 }
 
+/// What was tried, method, path, caller, project header, body, expected status and type.
+type Attempt<'a> = (
+    &'static str,
+    Method,
+    String,
+    &'a Secret,
+    &'static str,
+    Value,
+    u16,
+    &'static str,
+);
+
 /// Each attempt is refused whole with 403 (or 400 for out-of-range arguments), and leaves the
 /// store as it was; the same operations within the ceiling succeed.
 #[tokio::test]
@@ -393,7 +405,7 @@ async fn delegation_ceiling() {
     );
 
     let key_path = |id: &str| format!("/v1/project/keys/{id}");
-    let attempts: Vec<(&str, Method, String, &Secret, &str, Value, u16, &str)> = vec![
+    let attempts: Vec<Attempt<'_>> = vec![
         (
             "create with a scope not held",
             Method::POST,
