@@ -32,6 +32,7 @@ fn record(id: String, digest: Digest) -> KeyRecord {
         sdks: Vec::new(),
         digest,
         previous: None,
+        rate_limit: None,
     }
 }
 

@@ -84,6 +84,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             sdks: Vec::new(),
             digest: secret.digest(),
             previous: None,
+            rate_limit: None,
         },
         &snapshot.scopes,
     );

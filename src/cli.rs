@@ -17,7 +17,7 @@ use keygate::config::{Snapshot, StoreUrl};
 use keygate::gateway::Gateway;
 use keygate::keys::input::{self, KeyInput};
 use keygate::keys::store::{self, Actor, KeyStore, KeyUpdate, NewKey, Rotation, StoreError};
-use keygate::keys::{KeyKind, Secret};
+use keygate::keys::{KeyKind, KeyRateLimit, Secret};
 use keygate::routes::normalize::normalize_path;
 use keygate::routes::RouteTarget;
 
@@ -91,6 +91,9 @@ enum KeysCommand {
         /// Key id (default: unique()).
         #[arg(long)]
         id: Option<String>,
+        /// The key's own abuse limit on every route, as LIMIT/WINDOW (e.g. 100/60s).
+        #[arg(long, value_parser = parse_rate_limit)]
+        rate_limit: Option<KeyRateLimit>,
     },
     /// List a project's keys (without secrets).
     List {
@@ -119,6 +122,12 @@ enum KeysCommand {
         no_expire: bool,
         #[arg(long)]
         description: Option<String>,
+        /// Set the key's own abuse limit, as LIMIT/WINDOW (e.g. 100/60s).
+        #[arg(long, value_parser = parse_rate_limit, conflicts_with = "no_rate_limit")]
+        rate_limit: Option<KeyRateLimit>,
+        /// Remove the key's own abuse limit.
+        #[arg(long)]
+        no_rate_limit: bool,
     },
     /// Delete a key.
     Delete {
@@ -330,6 +339,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             expire,
             description,
             id,
+            rate_limit,
         } => {
             let snapshot = load(target.config.as_deref())?;
             check_project(&snapshot, &target.project)?;
@@ -354,6 +364,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
                         scopes: input.scopes,
                         expire: input.expire,
                         digest: secret.digest(),
+                        rate_limit,
                     },
                     Actor::CLI,
                 )
@@ -387,6 +398,8 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             expire,
             no_expire,
             description,
+            rate_limit,
+            no_rate_limit,
         } => {
             let snapshot = load(target.config.as_deref())?;
             let store = open_store(&snapshot).await?;
@@ -415,6 +428,11 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
                         description: input.description,
                         scopes: input.scopes,
                         expire: input.expire,
+                        rate_limit: match (rate_limit, no_rate_limit) {
+                            (Some(limit), _) => Some(limit),
+                            (None, true) => None,
+                            (None, false) => current.rate_limit,
+                        },
                     },
                     Actor::CLI,
                 )
@@ -537,6 +555,7 @@ async fn import(target: Target, file: PathBuf) -> anyhow::Result<()> {
                     scopes: input.scopes,
                     expire: input.expire,
                     digest: secret.digest(),
+                    rate_limit: None,
                 },
                 Actor::CLI,
             )
@@ -548,6 +567,28 @@ async fn import(target: Target, file: PathBuf) -> anyhow::Result<()> {
         }
     }
     print_json(&serde_json::json!({ "imported": imported, "skipped": skipped }))
+}
+
+/// `LIMIT/WINDOW`, e.g. `100/60s` or `5000/1h`.
+fn parse_rate_limit(value: &str) -> Result<KeyRateLimit, String> {
+    let (limit, window) = value
+        .split_once('/')
+        .ok_or_else(|| format!("`{value}` is not LIMIT/WINDOW such as 100/60s"))?;
+    let limit: u32 = limit
+        .trim()
+        .parse()
+        .ok()
+        .filter(|l| *l > 0)
+        .ok_or_else(|| format!("`{limit}` is not a positive number"))?;
+    let window = humantime::parse_duration(window.trim())
+        .ok()
+        .and_then(|d| u32::try_from(d.as_secs()).ok())
+        .filter(|s| *s > 0)
+        .ok_or_else(|| format!("`{window}` is not a window such as 60s"))?;
+    Ok(KeyRateLimit {
+        limit,
+        window_secs: window,
+    })
 }
 
 fn check_project(snapshot: &Snapshot, project: &str) -> anyhow::Result<()> {
@@ -671,6 +712,7 @@ async fn start_demo(
                     scopes,
                     expire: None,
                     digest: secret.digest(),
+                    rate_limit: None,
                 },
                 Actor::CLI,
             )

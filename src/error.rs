@@ -21,6 +21,12 @@ pub enum Rejection {
     BadHeader(&'static str),
     #[error("no route matches this request")]
     RouteNotFound,
+    #[error("the origin of this request is not allowed for the project")]
+    UnknownOrigin,
+    #[error("the dev key has expired")]
+    DevKeyExpired,
+    #[error("too many requests; try again after the rate-limit window resets")]
+    RateLimited,
     #[error("the API key is not valid")]
     UnknownKey,
     #[error("the API key has expired")]
@@ -54,6 +60,9 @@ pub enum Rejection {
     /// Delegation ceiling: the target key holds more than the caller.
     #[error("the calling key cannot manage a key that holds more than it does")]
     TargetForbidden,
+    /// Delegation ceiling: the request makes a key faster than the rate-limited caller.
+    #[error("the calling key cannot make a key with a looser rate limit than its own")]
+    RateLimitExceedsCaller,
     #[error("{0} are disabled in this deployment")]
     FeatureDisabled(&'static str),
     #[error("request body too large")]
@@ -83,6 +92,9 @@ impl Rejection {
                 (StatusCode::BAD_REQUEST, "general_argument_invalid")
             }
             RouteNotFound => (StatusCode::NOT_FOUND, "general_route_not_found"),
+            UnknownOrigin => (StatusCode::FORBIDDEN, "general_unknown_origin"),
+            DevKeyExpired => (StatusCode::GONE, "dev_key_gone"),
+            RateLimited => (StatusCode::TOO_MANY_REQUESTS, "general_rate_limit_exceeded"),
             UnknownKey => (StatusCode::UNAUTHORIZED, "user_unauthorized"),
             KeyExpired => (StatusCode::UNAUTHORIZED, "project_key_expired"),
             ProjectMismatch => (StatusCode::FORBIDDEN, "project_id_missing"),
@@ -96,6 +108,7 @@ impl Rejection {
             ScopesExceeded(_) => (StatusCode::FORBIDDEN, "key_scopes_exceeded"),
             ExpireExceeded => (StatusCode::FORBIDDEN, "key_expire_exceeded"),
             TargetForbidden => (StatusCode::FORBIDDEN, "key_target_forbidden"),
+            RateLimitExceedsCaller => (StatusCode::FORBIDDEN, "key_rate_limit_exceeded"),
             FeatureDisabled(_) => (StatusCode::FORBIDDEN, "general_service_disabled"),
             PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "general_payload_too_large"),
             StoreUnavailable => (

@@ -1,6 +1,7 @@
 //! The running gateway's shared state: the current config snapshot, the key cache and the store,
 //! and the change feed that keeps the cache current.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,13 +12,34 @@ use crate::config::Snapshot;
 use crate::keys::cache::KeyCache;
 use crate::keys::store::{self, Cursor, KeyStore, StoreError};
 use crate::keys::usage::UsageRecorder;
+use crate::limits::counter::Counters;
 
 /// How often the change feed is polled. Changes made by another process are live within this
 /// interval plus one store round trip (well under the promised second).
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Where the gateway reads the time: the system clock, or one a test sets.
+#[derive(Debug, Clone, Default)]
+pub enum Clock {
+    #[default]
+    System,
+    Manual(Arc<AtomicI64>),
+}
+
+impl Clock {
+    /// Unix seconds.
+    pub fn now(&self) -> i64 {
+        match self {
+            Clock::System => chrono::Utc::now().timestamp(),
+            Clock::Manual(now) => now.load(Ordering::Relaxed),
+        }
+    }
+}
+
 pub struct Gateway {
     config: ArcSwap<Snapshot>,
+    clock: Clock,
+    limits: Counters,
     keys: KeyCache,
     store: Arc<dyn KeyStore>,
     usage: UsageRecorder,
@@ -35,11 +57,23 @@ impl Gateway {
         snapshot: Snapshot,
         store: Arc<dyn KeyStore>,
     ) -> Result<Arc<Gateway>, StoreError> {
+        Self::with_store_and_clock(snapshot, store, Clock::System).await
+    }
+
+    pub async fn with_store_and_clock(
+        snapshot: Snapshot,
+        store: Arc<dyn KeyStore>,
+        clock: Clock,
+    ) -> Result<Arc<Gateway>, StoreError> {
         let (records, cursor) = store.load_all().await?;
         let keys = KeyCache::new();
         keys.replace_all(&records, &snapshot.scopes);
         tracing::info!(keys = keys.len(), "key cache loaded");
+        crate::metrics::install();
+        metrics::gauge!(crate::metrics::KEY_CACHE_KEYS).set(keys.len() as f64);
         Ok(Arc::new(Gateway {
+            limits: Counters::new(&snapshot.rate_limits),
+            clock,
             config: ArcSwap::from_pointee(snapshot),
             keys,
             usage: UsageRecorder::spawn(store.clone()),
@@ -51,6 +85,15 @@ impl Gateway {
     /// The current config. Load once per request and keep the `Arc` for its whole life.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.config.load_full()
+    }
+
+    /// Now, in Unix seconds, by the gateway's clock.
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
+    pub fn limits(&self) -> &Counters {
+        &self.limits
     }
 
     pub fn keys(&self) -> &KeyCache {
@@ -80,6 +123,7 @@ impl Gateway {
             }
         }
         *cursor = next;
+        metrics::gauge!(crate::metrics::KEY_CACHE_KEYS).set(self.keys.len() as f64);
         Ok(changes.len())
     }
 
@@ -91,8 +135,26 @@ impl Gateway {
             let mut ticker = tokio::time::interval(SYNC_INTERVAL);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
+            let mut ticks: u64 = 0;
             loop {
                 ticker.tick().await;
+                ticks += 1;
+                // About once a minute, drop local abuse-limit counters of ended windows.
+                if ticks % 300 == 0 {
+                    let longest = gateway
+                        .snapshot()
+                        .routes
+                        .routes()
+                        .iter()
+                        .filter_map(|r| r.rate_limit.as_ref())
+                        .map(|l| l.window.as_secs())
+                        .max()
+                        .unwrap_or(0)
+                        .max(crate::admin::handler::KEY_RATE_WINDOW_MAX.into());
+                    gateway
+                        .limits
+                        .sweep(gateway.now(), i64::try_from(longest).unwrap_or(i64::MAX));
+                }
                 match gateway.sync_once().await {
                     Ok(applied) => {
                         if failing {

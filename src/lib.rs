@@ -30,6 +30,7 @@ pub mod error;
 pub mod gateway;
 pub mod keys;
 pub mod limits;
+pub mod metrics;
 pub mod proxy;
 pub mod routes;
 pub mod sample;

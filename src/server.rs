@@ -53,8 +53,8 @@ pub async fn run(
     .await
 }
 
-/// Serves the ops listener: `/healthz` (the process is alive) and `/readyz` (config loaded and
-/// the store reachable).
+/// Serves the ops listener: `/healthz` (the process is alive), `/readyz` (config loaded and
+/// the store reachable) and `/metrics` (Prometheus).
 pub async fn run_ops(
     listener: TcpListener,
     gateway: Arc<Gateway>,
@@ -82,6 +82,14 @@ async fn ops(gateway: &Gateway, req: Request<Incoming>) -> Response<Body> {
     };
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        (&Method::GET, "/metrics") => {
+            let mut response = Response::new(full_body(crate::metrics::install().render()));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            response
+        }
         (&Method::GET, "/readyz") => match gateway.store().ping().await {
             Ok(()) => json(
                 StatusCode::OK,

@@ -11,7 +11,7 @@
 
 use crate::error::Rejection;
 use crate::keys::scopes::{ScopeIndex, ScopeSet};
-use crate::keys::KeyRecord;
+use crate::keys::{KeyRateLimit, KeyRecord};
 
 /// What the calling key holds.
 #[derive(Debug, Clone, Copy)]
@@ -19,6 +19,8 @@ pub struct Ceiling {
     pub scopes: ScopeSet,
     /// Unix seconds; `None` never expires.
     pub expire: Option<i64>,
+    /// The caller's own abuse limit: a key it makes may not run faster.
+    pub rate_limit: Option<KeyRateLimit>,
 }
 
 impl Ceiling {
@@ -38,6 +40,24 @@ impl Ceiling {
             return Err(Rejection::ScopesExceeded(beyond.join(", ")));
         }
         self.check_expire(expire)
+    }
+
+    /// Checks the abuse limit of a key the caller makes: a limited caller may only make keys
+    /// limited at the same rate or slower.
+    pub fn check_rate(&self, requested: Option<KeyRateLimit>) -> Result<(), Rejection> {
+        let Some(own) = self.rate_limit else {
+            return Ok(());
+        };
+        match requested {
+            // limit/window ≤ own.limit/own.window, without division.
+            Some(r)
+                if u64::from(r.limit) * u64::from(own.window_secs)
+                    <= u64::from(own.limit) * u64::from(r.window_secs) =>
+            {
+                Ok(())
+            }
+            _ => Err(Rejection::RateLimitExceedsCaller),
+        }
     }
 
     /// Checks that the caller may update or delete `target`.
@@ -102,6 +122,7 @@ mod tests {
             sdks: vec![],
             digest: Digest([0; 32]),
             previous: None,
+            rate_limit: None,
         }
     }
 
@@ -111,6 +132,7 @@ mod tests {
         let ceiling = Ceiling {
             scopes: index.compile(["a", "b"]).unwrap(),
             expire: Some(1000),
+            rate_limit: None,
         };
         assert!(ceiling
             .check_grant(&index, &["a".into()], Some(1000))
@@ -135,11 +157,35 @@ mod tests {
     }
 
     #[test]
+    fn rates() {
+        let limited = Ceiling {
+            scopes: ScopeSet::EMPTY,
+            expire: None,
+            rate_limit: Some(KeyRateLimit {
+                limit: 10,
+                window_secs: 60,
+            }),
+        };
+        let rate = |limit, window_secs| Some(KeyRateLimit { limit, window_secs });
+        assert!(limited.check_rate(rate(10, 60)).is_ok());
+        assert!(limited.check_rate(rate(1, 60)).is_ok());
+        assert!(limited.check_rate(rate(20, 120)).is_ok());
+        assert!(limited.check_rate(rate(11, 60)).is_err());
+        assert!(limited.check_rate(None).is_err());
+        let free = Ceiling {
+            rate_limit: None,
+            ..limited
+        };
+        assert!(free.check_rate(None).is_ok());
+    }
+
+    #[test]
     fn targets() {
         let index = index();
         let ceiling = Ceiling {
             scopes: index.compile(["a", "b"]).unwrap(),
             expire: Some(1000),
+            rate_limit: None,
         };
         assert!(ceiling.check_target(&index, &target(&["a"], None)).is_ok());
         assert_eq!(

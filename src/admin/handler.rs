@@ -19,7 +19,7 @@ use crate::keys::ephemeral::{DURATION_MAX, DURATION_MIN};
 use crate::keys::input::{self, KeyInput};
 use crate::keys::scopes::ScopeSet;
 use crate::keys::store::{Actor, KeyUpdate, NewKey, Rotation, StoreError};
-use crate::keys::{KeyKind, KeyRecord, Secret};
+use crate::keys::{KeyKind, KeyRateLimit, KeyRecord, Secret};
 use crate::proxy::{full_body, Body};
 
 /// Request bodies of the key API are small; anything larger is refused unread.
@@ -57,28 +57,47 @@ pub async fn handle(
     let ceiling = Ceiling {
         scopes: call.scopes,
         expire: call.principal.expire(),
+        rate_limit: match &call.principal {
+            Principal::Key(key) => key.rate_limit,
+            _ => None,
+        },
     };
     let store = gateway.store();
     let project = call.project.as_str();
     let now = Utc::now();
 
+    let dev_keys_allowed = || -> Result<(), Rejection> {
+        match snapshot.project(project) {
+            Some(settings) if settings.dev_keys => Ok(()),
+            _ => Err(Rejection::FeatureDisabled("dev keys")),
+        }
+    };
+
     match call.endpoint {
-        Endpoint::ListKeys => {
+        Endpoint::ListKeys | Endpoint::ListDevKeys => {
+            let kind = endpoint_kind(call.endpoint);
             let query = ListQuery::from_url_query(call.query.as_deref())?;
-            let keys = store
-                .list(project, KeyKind::Standard)
-                .await
-                .map_err(store_error)?;
+            let keys = store.list(project, kind).await.map_err(store_error)?;
             let (page, total) = query.apply(keys)?;
-            let models: Vec<_> = page.iter().map(|k| k.to_model(None)).collect();
-            json(
-                StatusCode::OK,
-                &serde_json::json!({ "total": total, "keys": models }),
-            )
+            let list = match kind {
+                KeyKind::Standard => serde_json::json!({
+                    "total": total,
+                    "keys": page.iter().map(|k| k.to_model(None)).collect::<Vec<_>>(),
+                }),
+                KeyKind::Dev => serde_json::json!({
+                    "total": total,
+                    "devKeys": page.iter().map(|k| k.to_dev_model(None)).collect::<Vec<_>>(),
+                }),
+            };
+            json(StatusCode::OK, &list)
         }
         Endpoint::GetKey => {
-            let key = existing(gateway, project, call.key_id.as_deref()).await?;
+            let key = existing(gateway, project, KeyKind::Standard, call.key_id.as_deref()).await?;
             json(StatusCode::OK, &key.to_model(None))
+        }
+        Endpoint::GetDevKey => {
+            let key = existing(gateway, project, KeyKind::Dev, call.key_id.as_deref()).await?;
+            json(StatusCode::OK, &key.to_dev_model(None))
         }
         Endpoint::CreateKey => {
             let body: CreateBody = read_json(body).await?;
@@ -91,11 +110,13 @@ pub async fn handle(
             }
             .validate(snapshot)
             .map_err(invalid)?;
+            let rate_limit = check_rate_limit(body.rate_limit)?;
             ceiling.check_grant(
                 &snapshot.scopes,
                 &input.scopes,
                 input.expire.map(|e| e.timestamp()),
             )?;
+            ceiling.check_rate(rate_limit)?;
             let secret = Secret::generate();
             let record = store
                 .create(
@@ -108,6 +129,7 @@ pub async fn handle(
                         scopes: input.scopes,
                         expire: input.expire,
                         digest: secret.digest(),
+                        rate_limit,
                     },
                     Actor(&actor),
                 )
@@ -116,9 +138,37 @@ pub async fn handle(
             gateway.keys().upsert(&record, &snapshot.scopes);
             json(StatusCode::CREATED, &record.to_model(Some(&secret)))
         }
+        Endpoint::CreateDevKey => {
+            dev_keys_allowed()?;
+            let body: DevKeyBody = read_json(body).await?;
+            let id = input::key_id(body.key_id.as_deref()).map_err(invalid)?;
+            let (name, expire) = dev_key_fields(snapshot, body, now)?;
+            ceiling.check_grant(&snapshot.scopes, &[], Some(expire.timestamp()))?;
+            let secret = Secret::generate_for(KeyKind::Dev);
+            let record = store
+                .create(
+                    NewKey {
+                        id,
+                        project: project.to_owned(),
+                        kind: KeyKind::Dev,
+                        name,
+                        description: String::new(),
+                        scopes: Vec::new(),
+                        expire: Some(expire),
+                        digest: secret.digest(),
+                        rate_limit: None,
+                    },
+                    Actor(&actor),
+                )
+                .await
+                .map_err(store_error)?;
+            gateway.keys().upsert(&record, &snapshot.scopes);
+            json(StatusCode::CREATED, &record.to_dev_model(Some(&secret)))
+        }
         Endpoint::UpdateKey => {
             let body: UpdateBody = read_json(body).await?;
-            let target = existing(gateway, project, call.key_id.as_deref()).await?;
+            let target =
+                existing(gateway, project, KeyKind::Standard, call.key_id.as_deref()).await?;
             ceiling.check_target(&snapshot.scopes, &target)?;
             let input = KeyInput {
                 name: body.name,
@@ -128,11 +178,13 @@ pub async fn handle(
             }
             .validate(snapshot)
             .map_err(invalid)?;
+            let rate_limit = check_rate_limit(body.rate_limit)?;
             ceiling.check_grant(
                 &snapshot.scopes,
                 &input.scopes,
                 input.expire.map(|e| e.timestamp()),
             )?;
+            ceiling.check_rate(rate_limit)?;
             let record = store
                 .update(
                     project,
@@ -142,6 +194,7 @@ pub async fn handle(
                         description: input.description,
                         scopes: input.scopes,
                         expire: input.expire,
+                        rate_limit,
                     },
                     Actor(&actor),
                 )
@@ -150,8 +203,33 @@ pub async fn handle(
             gateway.keys().upsert(&record, &snapshot.scopes);
             json(StatusCode::OK, &record.to_model(None))
         }
-        Endpoint::DeleteKey => {
-            let target = existing(gateway, project, call.key_id.as_deref()).await?;
+        Endpoint::UpdateDevKey => {
+            dev_keys_allowed()?;
+            let body: DevKeyBody = read_json(body).await?;
+            let target = existing(gateway, project, KeyKind::Dev, call.key_id.as_deref()).await?;
+            let (name, expire) = dev_key_fields(snapshot, body, now)?;
+            ceiling.check_grant(&snapshot.scopes, &[], Some(expire.timestamp()))?;
+            let record = store
+                .update(
+                    project,
+                    &target.id,
+                    KeyUpdate {
+                        name,
+                        description: String::new(),
+                        scopes: Vec::new(),
+                        expire: Some(expire),
+                        rate_limit: None,
+                    },
+                    Actor(&actor),
+                )
+                .await
+                .map_err(store_error)?;
+            gateway.keys().upsert(&record, &snapshot.scopes);
+            json(StatusCode::OK, &record.to_dev_model(None))
+        }
+        Endpoint::DeleteKey | Endpoint::DeleteDevKey => {
+            let kind = endpoint_kind(call.endpoint);
+            let target = existing(gateway, project, kind, call.key_id.as_deref()).await?;
             ceiling.check_target(&snapshot.scopes, &target)?;
             store
                 .delete(project, &target.id, Actor(&actor))
@@ -169,7 +247,8 @@ pub async fn handle(
         }
         Endpoint::RotateKey => {
             let body: RotateBody = read_json_or_empty(body).await?;
-            let target = existing(gateway, project, call.key_id.as_deref()).await?;
+            let target =
+                existing(gateway, project, KeyKind::Standard, call.key_id.as_deref()).await?;
             ceiling.check_rotate(&snapshot.scopes, &target)?;
             let grace = body.grace.unwrap_or(0);
             if !(0..=GRACE_MAX_SECONDS).contains(&grace) {
@@ -221,6 +300,8 @@ pub async fn handle(
             .scopes;
             let exp = now.timestamp() + duration;
             ceiling.check_grant(&snapshot.scopes, &scopes, Some(exp))?;
+            // Ephemeral keys carry no rate limit of their own.
+            ceiling.check_rate(None)?;
             let secret = signer.mint(project, &scopes, exp);
             let expire = Utc.timestamp_opt(exp, 0).single().unwrap_or(now);
             let model = KeyRecord {
@@ -237,11 +318,73 @@ pub async fn handle(
                 sdks: Vec::new(),
                 digest: secret.digest(),
                 previous: None,
+                rate_limit: None,
             }
             .to_model(Some(&secret));
             json(StatusCode::CREATED, &model)
         }
     }
+}
+
+fn endpoint_kind(endpoint: Endpoint) -> KeyKind {
+    match endpoint {
+        Endpoint::ListDevKeys
+        | Endpoint::CreateDevKey
+        | Endpoint::GetDevKey
+        | Endpoint::UpdateDevKey
+        | Endpoint::DeleteDevKey => KeyKind::Dev,
+        _ => KeyKind::Standard,
+    }
+}
+
+/// The longest window a key's own rate limit may have.
+pub const KEY_RATE_WINDOW_MAX: u32 = 30 * 24 * 3600;
+
+fn check_rate_limit(requested: Option<KeyRateLimit>) -> Result<Option<KeyRateLimit>, Rejection> {
+    match requested {
+        Some(r) if r.limit == 0 || r.window_secs == 0 || r.window_secs > KEY_RATE_WINDOW_MAX => {
+            Err(invalid(format!(
+                "rateLimit needs limit >= 1 and window 1-{KEY_RATE_WINDOW_MAX} seconds"
+            )))
+        }
+        other => Ok(other),
+    }
+}
+
+/// A dev key's name and mandatory expiry, within `dev_keys.max_duration`.
+fn dev_key_fields(
+    snapshot: &Snapshot,
+    body: DevKeyBody,
+    now: DateTime<Utc>,
+) -> Result<(String, DateTime<Utc>), Rejection> {
+    let name_len = body.name.chars().count();
+    if name_len == 0 || name_len > input::NAME_MAX {
+        return Err(invalid(format!(
+            "name must be 1-{} characters",
+            input::NAME_MAX
+        )));
+    }
+    let expire = parse_expire(body.expire.as_deref())?
+        .ok_or_else(|| invalid("a dev key needs an expire date"))?;
+    let max =
+        chrono::Duration::from_std(snapshot.dev_keys.max_duration).unwrap_or(chrono::Duration::MAX);
+    if expire <= now || expire > now + max {
+        return Err(invalid(format!(
+            "expire must be in the future and at most {} away",
+            humantime::format_duration(snapshot.dev_keys.max_duration)
+        )));
+    }
+    Ok((body.name, expire))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DevKeyBody {
+    #[serde(default)]
+    key_id: Option<String>,
+    name: String,
+    #[serde(default)]
+    expire: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -256,9 +399,12 @@ struct CreateBody {
     scopes: Vec<String>,
     #[serde(default)]
     expire: Option<String>,
+    #[serde(default)]
+    rate_limit: Option<KeyRateLimit>,
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct UpdateBody {
     name: String,
     #[serde(default)]
@@ -266,6 +412,8 @@ struct UpdateBody {
     scopes: Vec<String>,
     #[serde(default)]
     expire: Option<String>,
+    #[serde(default)]
+    rate_limit: Option<KeyRateLimit>,
 }
 
 #[derive(Deserialize, Default)]
@@ -297,10 +445,11 @@ fn store_error(err: StoreError) -> Rejection {
     }
 }
 
-/// An API key of this project (dev keys are not visible here).
+/// A key of this project and kind: API keys and dev keys never see each other.
 async fn existing(
     gateway: &Gateway,
     project: &str,
+    kind: KeyKind,
     id: Option<&str>,
 ) -> Result<KeyRecord, Rejection> {
     let id = id.ok_or(Rejection::KeyNotFound)?;
@@ -310,7 +459,7 @@ async fn existing(
         .await
         .map_err(store_error)?
     {
-        Some(key) if key.kind == KeyKind::Standard => Ok(key),
+        Some(key) if key.kind == kind => Ok(key),
         _ => Err(Rejection::KeyNotFound),
     }
 }

@@ -1,5 +1,6 @@
-//! keygate's own key-management API (Appwrite's `/v1/project/keys…` and the
-//! `/v1/projects/{projectId}/keys…` aliases), served locally and never forwarded.
+//! keygate's own key-management API (Appwrite's `/v1/project/keys…`, the
+//! `/v1/projects/{projectId}/keys…` aliases and `/v1/projects/{projectId}/dev-keys…`), served
+//! locally and never forwarded.
 //!
 //! The routes are built into every route table ahead of the config's, so the ordinary decision
 //! authenticates the caller and checks `keys.read` / `keys.write`; this module then validates the
@@ -21,6 +22,11 @@ pub enum Endpoint {
     UpdateKey,
     DeleteKey,
     RotateKey,
+    ListDevKeys,
+    CreateDevKey,
+    GetDevKey,
+    UpdateDevKey,
+    DeleteDevKey,
 }
 
 /// The built-in routes: method, path, endpoint, required scope.

@@ -288,6 +288,7 @@ mod tests {
                 sdks: vec![],
                 digest: Digest([i as u8; 32]),
                 previous: None,
+                rate_limit: None,
             })
             .collect()
     }

@@ -20,6 +20,7 @@ use crate::routes::normalize::normalize_path;
 use crate::routes::Route;
 
 pub const KEY_HEADER: &str = "x-appwrite-key";
+pub const DEV_KEY_HEADER: &str = "x-appwrite-dev-key";
 pub const PROJECT_HEADER: &str = "x-appwrite-project";
 
 /// Who is calling.
@@ -82,6 +83,19 @@ pub struct Decision<'s, 'r> {
     /// The project the request is for (from the path of `/v1/projects/{projectId}/…` routes,
     /// else from `X-Appwrite-Project`), when it names one.
     pub project: Option<Cow<'r, str>>,
+    /// A valid dev key sent in `X-Appwrite-Dev-Key`. It grants no scope; it only exempts the
+    /// request from abuse limits and the origin check.
+    pub dev_key: Option<Arc<CachedKey>>,
+    /// The request's `Origin`, when it sent one and passed the origin check.
+    pub origin: Option<&'r http::HeaderValue>,
+}
+
+impl Decision<'_, '_> {
+    /// API keys (standard and ephemeral) and valid dev keys are exempt from route abuse limits,
+    /// as in Appwrite.
+    pub fn exempt_from_route_limits(&self) -> bool {
+        self.dev_key.is_some() || !matches!(self.principal, Principal::Guest)
+    }
 }
 
 /// Decides one request. `now` is the current time in Unix seconds.
@@ -145,6 +159,26 @@ pub fn decide<'s, 'r>(
         }
     };
 
+    let dev_key = match single_header(headers, DEV_KEY_HEADER, "X-Appwrite-Dev-Key")? {
+        None => None,
+        Some(value) => Some(resolve_dev_key(
+            snapshot,
+            keys,
+            value.as_bytes(),
+            project.as_deref(),
+            now,
+        )?),
+    };
+
+    // Browsers name their origin; API keys and dev keys skip the check, as in Appwrite.
+    let origin = single_header(headers, "origin", "Origin")?;
+    if let Some(origin) = origin {
+        let checked = matches!(principal, Principal::Guest) && dev_key.is_none();
+        if checked && !origin_allowed(snapshot, project.as_deref(), origin.as_bytes()) {
+            return Err(Rejection::UnknownOrigin);
+        }
+    }
+
     let scopes = match &principal {
         Principal::Guest => snapshot.guest_scopes,
         Principal::Key(key) => key.scopes.union(&snapshot.implicit_scopes),
@@ -165,7 +199,51 @@ pub fn decide<'s, 'r>(
         scopes,
         path,
         project,
+        dev_key,
+        origin,
     })
+}
+
+/// Whether a browser origin may call for `project` (for any configured project when the request
+/// names none).
+pub fn origin_allowed(snapshot: &Snapshot, project: Option<&str>, origin: &[u8]) -> bool {
+    match project {
+        Some(project) => snapshot
+            .project(project)
+            .is_some_and(|p| p.allows_origin(origin)),
+        None => snapshot.projects.values().any(|p| p.allows_origin(origin)),
+    }
+}
+
+/// A dev key: a `dev` kind key of the request's project, dev keys enabled there, not expired.
+/// An API key sent here is simply unknown.
+fn resolve_dev_key(
+    snapshot: &Snapshot,
+    keys: &KeyCache,
+    secret: &[u8],
+    project: Option<&str>,
+    now: i64,
+) -> Result<Arc<CachedKey>, Rejection> {
+    let secret = std::str::from_utf8(secret).map_err(|_| Rejection::UnknownKey)?;
+    if secret.is_empty() {
+        return Err(Rejection::UnknownKey);
+    }
+    let key = keys
+        .lookup(&Digest::of(secret))
+        .ok_or(Rejection::UnknownKey)?;
+    if key.kind != KeyKind::Dev {
+        return Err(Rejection::UnknownKey);
+    }
+    if project != Some(&*key.project) {
+        return Err(Rejection::ProjectMismatch);
+    }
+    if !snapshot.project(&key.project).is_some_and(|p| p.dev_keys) {
+        return Err(Rejection::FeatureDisabled("dev keys"));
+    }
+    if key.expire.is_none_or(|expire| expire <= now) {
+        return Err(Rejection::DevKeyExpired);
+    }
+    Ok(key)
 }
 
 /// An absolute-form target (or an HTTP/2 `:authority`) must agree with `Host` when both exist.

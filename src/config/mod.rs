@@ -70,7 +70,39 @@ pub enum StoreUrl {
 /// A project keys and requests may belong to.
 #[derive(Debug, Clone, Default)]
 pub struct Project {
+    /// Allowed browser origins, exactly as a browser sends them (`https://app.example.com`).
     pub origins: Vec<String>,
+    /// `*` was listed: every origin is allowed.
+    pub any_origin: bool,
+    /// Overrides the route's upstream for this project's requests.
+    pub upstream: Option<usize>,
+    pub dev_keys: bool,
+}
+
+impl Project {
+    pub fn allows_origin(&self, origin: &[u8]) -> bool {
+        self.any_origin || self.origins.iter().any(|o| o.as_bytes() == origin)
+    }
+}
+
+/// Dev key policy.
+#[derive(Debug, Clone)]
+pub struct DevKeySettings {
+    pub enabled: bool,
+    pub max_duration: Duration,
+}
+
+/// Where abuse-limit counters live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitBackend {
+    Local,
+    Redis(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimitSettings {
+    pub backend: LimitBackend,
+    pub prefix: String,
 }
 
 /// A validated, immutable config.
@@ -88,6 +120,8 @@ pub struct Snapshot {
     pub implicit_scopes: ScopeSet,
     /// Present when ephemeral keys are enabled.
     pub ephemeral: Option<EphemeralSigner>,
+    pub dev_keys: DevKeySettings,
+    pub rate_limits: RateLimitSettings,
     pub usage_interval: Duration,
     pub upstreams: Vec<Upstream>,
     pub routes: RouteTable,
@@ -199,21 +233,30 @@ impl Validator<'_> {
         };
         let store = self.store_url(&raw.store.url)?;
 
-        let mut projects = HashMap::new();
-        for (id, project) in &raw.projects {
-            if !crate::keys::is_valid_id(id) {
-                return Err(self.error(
-                    format!("projects.{id}"),
-                    "a project id is 1-36 characters of a-z A-Z 0-9 . _ - and starts with a letter or digit",
-                ));
-            }
-            projects.insert(
-                id.clone(),
-                Project {
-                    origins: project.origins.iter().map(|o| o.0.clone()).collect(),
-                },
-            );
-        }
+        let dev_keys = DevKeySettings {
+            enabled: raw.dev_keys.enabled.unwrap_or(true),
+            max_duration: match &raw.dev_keys.max_duration {
+                Some(value) => self.duration("dev_keys.max_duration", value)?,
+                None => Duration::from_secs(30 * 24 * 3600),
+            },
+        };
+        let rate_limits = RateLimitSettings {
+            backend: match raw.rate_limits.backend.as_deref() {
+                None | Some("local") => LimitBackend::Local,
+                Some(url) if url.starts_with("redis://") => LimitBackend::Redis(url.to_owned()),
+                Some(other) => {
+                    return Err(self.error(
+                        "rate_limits.backend",
+                        format!("`{other}` is neither `local` nor a redis:// URL"),
+                    ))
+                }
+            },
+            prefix: raw
+                .rate_limits
+                .prefix
+                .as_ref()
+                .map_or_else(|| "keygate".to_owned(), |p| p.0.clone()),
+        };
 
         let mut routes_in: Vec<SourcedRoute<'_>> = raw
             .routes
@@ -306,6 +349,48 @@ impl Validator<'_> {
         if upstreams.is_empty() {
             return Err(self.error("upstreams", "at least one upstream is required"));
         }
+
+        let mut projects = HashMap::new();
+        for (id, project) in &raw.projects {
+            let key = format!("projects.{id}");
+            if !crate::keys::is_valid_id(id) {
+                return Err(self.error(
+                    key,
+                    "a project id is 1-36 characters of a-z A-Z 0-9 . _ - and starts with a letter or digit",
+                ));
+            }
+            for (i, origin) in project.origins.iter().enumerate() {
+                if &**origin != "*" && !is_valid_origin(origin) {
+                    return Err(self.error(
+                        format!("{key}.origins[{i}]"),
+                        format!("`{}` is not an origin such as https://app.example.com (scheme://host[:port], no path)", &**origin),
+                    ));
+                }
+            }
+            let upstream = match &project.upstream {
+                Some(name) => Some(*upstream_index.get(&**name).ok_or_else(|| {
+                    self.error(
+                        format!("{key}.upstream"),
+                        format!("unknown upstream `{}`", &**name),
+                    )
+                })?),
+                None => None,
+            };
+            projects.insert(
+                id.clone(),
+                Project {
+                    origins: project
+                        .origins
+                        .iter()
+                        .filter(|o| &***o != "*")
+                        .map(|o| o.0.clone())
+                        .collect(),
+                    any_origin: project.origins.iter().any(|o| &**o == "*"),
+                    upstream,
+                    dev_keys: project.dev_keys.unwrap_or(dev_keys.enabled),
+                },
+            );
+        }
         let default_upstream = match &raw.default_upstream {
             Some(name) => Some(*upstream_index.get(&**name).ok_or_else(|| {
                 self.error(
@@ -354,6 +439,8 @@ impl Validator<'_> {
             guest_scopes,
             implicit_scopes,
             ephemeral,
+            dev_keys,
+            rate_limits,
             usage_interval,
             upstreams,
             routes,
@@ -569,6 +656,17 @@ impl Validator<'_> {
             )),
         }
     }
+}
+
+/// `scheme://host[:port]`, as browsers send `Origin`.
+fn is_valid_origin(origin: &str) -> bool {
+    let Ok(uri) = origin.parse::<http::Uri>() else {
+        return false;
+    };
+    uri.scheme().is_some()
+        && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
+        && uri.path_and_query().is_none_or(|pq| pq.as_str() == "/")
+        && !origin.ends_with('/')
 }
 
 fn is_valid_scope_name(name: &str) -> bool {

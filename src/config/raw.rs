@@ -22,6 +22,10 @@ pub(crate) struct RawConfig {
     pub guest_scopes: Option<Vec<Text>>,
     #[serde(default)]
     pub keys: RawKeys,
+    #[serde(default)]
+    pub dev_keys: RawDevKeys,
+    #[serde(default)]
+    pub rate_limits: RawRateLimits,
     /// Extra scope names keys may hold although no route uses them yet.
     #[serde(default)]
     pub scopes: Vec<Text>,
@@ -67,8 +71,36 @@ pub(crate) struct RawStore {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawProject {
+    /// Browser origins allowed to call on behalf of this project (`*`: any).
     #[serde(default)]
     pub origins: Vec<Text>,
+    /// Send this project's requests to this upstream instead of the route's.
+    #[serde(default)]
+    pub upstream: Option<Text>,
+    /// Dev keys for this project (default: as `dev_keys.enabled`).
+    #[serde(default)]
+    pub dev_keys: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDevKeys {
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// The longest expiry a dev key may be given (default 30d).
+    #[serde(default)]
+    pub max_duration: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRateLimits {
+    /// `local` (default) or `redis://host:port/db` to share counters between nodes.
+    #[serde(default)]
+    pub backend: Option<Text>,
+    /// Prefix of the Redis keys (default `keygate`).
+    #[serde(default)]
+    pub prefix: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]

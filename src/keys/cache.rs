@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use dashmap::DashMap;
 
 use super::scopes::{ScopeIndex, ScopeSet};
-use super::{Digest, KeyKind, KeyRecord};
+use super::{Digest, KeyKind, KeyRateLimit, KeyRecord};
 
 /// What the request path needs to know about a key.
 #[derive(Debug)]
@@ -26,6 +26,8 @@ pub struct CachedKey {
     pub expire: Option<i64>,
     /// Set on the entry of a rotated-out secret: it is refused from this moment (Unix seconds).
     pub secret_valid_until: Option<i64>,
+    /// The key's own abuse limit, on every route.
+    pub rate_limit: Option<KeyRateLimit>,
     /// Usage not yet written, shared by all entries of one key.
     pub usage: Arc<UsageState>,
 }
@@ -151,6 +153,7 @@ impl KeyCache {
             scope_names: record.scopes.iter().map(|s| s.as_str().into()).collect(),
             expire: record.expire.map(|e| e.timestamp()),
             secret_valid_until: None,
+            rate_limit: record.rate_limit,
             usage,
         };
         let mut digests = vec![record.digest];
@@ -239,6 +242,7 @@ mod tests {
             sdks: vec![],
             digest: secret.digest(),
             previous: None,
+            rate_limit: None,
         }
     }
 

@@ -21,6 +21,8 @@ use sha2::{Digest as _, Sha256};
 pub const STANDARD_PREFIX: &str = "standard_";
 /// The prefix of ephemeral (JWT) keys.
 pub const EPHEMERAL_PREFIX: &str = "ephemeral_";
+/// The prefix of dev key secrets.
+pub const DEV_PREFIX: &str = "dev_";
 const SECRET_RANDOM_BYTES: usize = 128;
 
 /// A plaintext key secret. Its `Debug` never shows the value.
@@ -30,9 +32,18 @@ pub struct Secret(String);
 impl Secret {
     /// A fresh `standard_` secret from the operating system's CSPRNG.
     pub fn generate() -> Secret {
+        Secret::generate_for(KeyKind::Standard)
+    }
+
+    /// A fresh secret of a kind: `standard_` or `dev_` + 256 lowercase hex characters.
+    pub fn generate_for(kind: KeyKind) -> Secret {
         let mut bytes = [0u8; SECRET_RANDOM_BYTES];
         getrandom::fill(&mut bytes).expect("the operating system's random source failed");
-        Secret(format!("{STANDARD_PREFIX}{}", hex::encode(bytes)))
+        let prefix = match kind {
+            KeyKind::Standard => STANDARD_PREFIX,
+            KeyKind::Dev => DEV_PREFIX,
+        };
+        Secret(format!("{prefix}{}", hex::encode(bytes)))
     }
 
     /// Wraps a secret given by an operator (an import, a test).
@@ -130,6 +141,14 @@ pub struct PreviousSecret {
     pub until: DateTime<Utc>,
 }
 
+/// A key's own abuse limit: at most `limit` requests per `window_secs`, on every route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyRateLimit {
+    pub limit: u32,
+    #[serde(rename = "window")]
+    pub window_secs: u32,
+}
+
 /// A stored key, as the store returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
@@ -146,6 +165,7 @@ pub struct KeyRecord {
     pub sdks: Vec<String>,
     pub digest: Digest,
     pub previous: Option<PreviousSecret>,
+    pub rate_limit: Option<KeyRateLimit>,
 }
 
 impl KeyRecord {
@@ -166,11 +186,26 @@ impl KeyRecord {
                 .map(format_date)
                 .unwrap_or_default(),
             sdks: self.sdks.clone(),
+            rate_limit: self.rate_limit,
         }
     }
 
-    pub fn is_expired_at(&self, now: DateTime<Utc>) -> bool {
-        self.expire.is_some_and(|e| e <= now)
+    /// Appwrite's dev key model (no scopes: a dev key grants none).
+    pub fn to_dev_model(&self, secret: Option<&Secret>) -> DevKeyModel {
+        DevKeyModel {
+            id: self.id.clone(),
+            created_at: format_date(&self.created_at),
+            updated_at: format_date(&self.updated_at),
+            name: self.name.clone(),
+            expire: self.expire.as_ref().map(format_date).unwrap_or_default(),
+            secret: secret.map(|s| s.expose().to_owned()).unwrap_or_default(),
+            accessed_at: self
+                .accessed_at
+                .as_ref()
+                .map(format_date)
+                .unwrap_or_default(),
+            sdks: self.sdks.clone(),
+        }
     }
 }
 
@@ -188,6 +223,26 @@ pub struct KeyModel {
     /// Empty when the key never expires, as Appwrite sends it.
     pub expire: String,
     pub scopes: Vec<String>,
+    pub secret: String,
+    #[serde(rename = "accessedAt")]
+    pub accessed_at: String,
+    pub sdks: Vec<String>,
+    /// keygate's addition: the key's own abuse limit, when it has one.
+    #[serde(rename = "rateLimit", skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<KeyRateLimit>,
+}
+
+/// The JSON shape Appwrite gives a dev key.
+#[derive(Debug, Clone, Serialize)]
+pub struct DevKeyModel {
+    #[serde(rename = "$id")]
+    pub id: String,
+    #[serde(rename = "$createdAt")]
+    pub created_at: String,
+    #[serde(rename = "$updatedAt")]
+    pub updated_at: String,
+    pub name: String,
+    pub expire: String,
     pub secret: String,
     #[serde(rename = "accessedAt")]
     pub accessed_at: String,

@@ -1,6 +1,9 @@
 //! Abuse limits: per-route request budgets in Appwrite's terms (limit, window, key template).
 //!
-//! This module owns the compiled form of a route's `rate_limit`; the counters live beside it.
+//! This module owns the compiled form of a route's `rate_limit` and how a request is counted
+//! against it; the counters themselves are in [`counter`].
+
+pub mod counter;
 
 use std::time::Duration;
 
@@ -46,6 +49,61 @@ pub struct RateLimit {
     pub limit: u32,
     pub window: Duration,
     pub keys: Vec<KeyTemplate>,
+}
+
+/// What a request offers for building its counter keys.
+pub struct RequestFacts<'a> {
+    pub ip: std::net::IpAddr,
+    pub method: &'a http::Method,
+    pub route: &'a crate::routes::Route,
+    /// The route's path parameters for this request.
+    pub params: &'a [(String, &'a str)],
+    pub query: Option<&'a str>,
+    pub headers: &'a http::HeaderMap,
+    pub key_id: &'a str,
+    pub project: &'a str,
+}
+
+/// The counter key of one template for one request: the route's pattern and methods, and each
+/// placeholder's value, hashed so that every node derives the same key.
+pub fn counter_key(template: &KeyTemplate, facts: &RequestFacts<'_>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(facts.route.pattern.as_bytes());
+    hasher.update(format!("{:?}", facts.route.methods).as_bytes());
+    for placeholder in template {
+        hasher.update([0u8]);
+        match placeholder {
+            Placeholder::Ip => hasher.update(facts.ip.to_string().as_bytes()),
+            Placeholder::Url => hasher.update(facts.route.pattern.as_bytes()),
+            Placeholder::Method => hasher.update(facts.method.as_str().as_bytes()),
+            Placeholder::UserId => hasher.update(facts.key_id.as_bytes()),
+            Placeholder::ProjectId => hasher.update(facts.project.as_bytes()),
+            Placeholder::ChunkId => hasher.update(
+                facts
+                    .headers
+                    .get(http::header::CONTENT_RANGE)
+                    .map(|v| v.as_bytes())
+                    .unwrap_or_default(),
+            ),
+            Placeholder::Param(name) => {
+                // A path parameter, else a query parameter. Body parameters are not read: the
+                // request body is streamed, never buffered for a limit.
+                let from_path = facts
+                    .params
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| (*v).to_owned());
+                let value = from_path.or_else(|| {
+                    form_urlencoded::parse(facts.query.unwrap_or("").as_bytes())
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.into_owned())
+                });
+                hasher.update(value.unwrap_or_default().as_bytes());
+            }
+        }
+    }
+    hex::encode(&hasher.finalize()[..16])
 }
 
 /// Parses a key: Appwrite's template form (`url:{url},ip:{ip}|url:{url},email:{param-email}`)

@@ -110,10 +110,17 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
     headers.insert(REQUEST_ID, fwd.request_id.clone());
 }
 
-/// Rewrites upstream response headers into client response headers.
-pub fn to_client(headers: &mut HeaderMap, request_id: &HeaderValue) {
+/// Rewrites upstream response headers into client response headers. CORS is keygate's to
+/// grant: an upstream's own grant is dropped.
+pub fn to_client(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
-    headers.insert(REQUEST_ID, request_id.clone());
+    for name in [
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+    ] {
+        headers.remove(name);
+    }
 }
 
 #[cfg(test)]

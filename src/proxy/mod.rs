@@ -1,23 +1,33 @@
-//! The proxy phase: one request in, one response out. Decide, then forward to the route's
-//! upstream with rewritten headers and streamed bodies, or answer with an Appwrite error.
+//! The request lifecycle on the public listener, in named phases:
+//!
+//! 1. `preflight` — CORS preflights are answered here;
+//! 2. `decide` — normalize, route, credentials, project, origin, scopes ([`crate::auth`]);
+//! 3. `limit` — abuse limits for guests, and a key's own limit;
+//! 4. `dispatch` — keygate's key API, or the upstream with rewritten headers and streamed bodies;
+//! 5. `record` — metrics and one access-log line (never a secret).
 
+pub mod cors;
 pub mod headers;
 pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Method, Request, Response};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 
 use crate::admin::{self, handler::AdminCall};
-use crate::auth::{decide, Principal};
+use crate::auth::{decide, Decision, Principal};
+use crate::config::Snapshot;
 use crate::error::Rejection;
 use crate::gateway::Gateway;
+use crate::limits::counter::Verdict;
+use crate::limits::{counter_key, RequestFacts};
+use crate::metrics as m;
 use crate::routes::RouteTarget;
 use headers::{Forwarding, REQUEST_ID};
 
@@ -41,36 +51,89 @@ pub struct Peer {
     pub https: bool,
 }
 
+/// What the record phase needs to know about a request.
+#[derive(Default)]
+struct Outcome {
+    route: Option<usize>,
+    principal: &'static str,
+    key_id: Option<String>,
+    project: Option<String>,
+    /// `allowed`, or the Appwrite error type of the rejection.
+    result: &'static str,
+    /// The origin to grant CORS access to on the response.
+    cors: Option<HeaderValue>,
+    upstream: Option<(String, Duration)>,
+}
+
 /// Handles one request on the public listener.
 pub async fn handle(gateway: &Gateway, req: Request<Incoming>, peer: Peer) -> Response<Body> {
     let started = Instant::now();
     let request_id = request_id(req.headers().get(REQUEST_ID));
-    let snapshot = gateway.snapshot();
-    let (mut parts, body) = req.into_parts();
-    let now = chrono::Utc::now().timestamp();
+    let method = req.method().clone();
 
-    let decision = decide(
-        &snapshot,
+    let (mut response, outcome) = if cors::is_preflight(&req) {
+        let outcome = Outcome {
+            result: "preflight",
+            ..Outcome::default()
+        };
+        (cors::preflight(req.headers()), outcome)
+    } else {
+        let snapshot = gateway.snapshot();
+        process(gateway, &snapshot, req, peer, &request_id).await
+    };
+
+    let headers = response.headers_mut();
+    headers.insert(REQUEST_ID, request_id.clone());
+    if let Some(origin) = &outcome.cors {
+        cors::grant(headers, origin);
+    }
+    record(
+        &method,
+        &request_id,
+        response.status().as_u16(),
+        &outcome,
+        started,
+    );
+    response
+}
+
+async fn process(
+    gateway: &Gateway,
+    snapshot: &Snapshot,
+    req: Request<Incoming>,
+    peer: Peer,
+    request_id: &HeaderValue,
+) -> (Response<Body>, Outcome) {
+    let (mut parts, body) = req.into_parts();
+    let now = gateway.now();
+
+    let decision = match decide(
+        snapshot,
         gateway.keys(),
         &parts.method,
         &parts.uri,
         &parts.headers,
         now,
-    );
-    let decision = match decision {
+    ) {
         Ok(decision) => decision,
         Err(rejection) => {
-            tracing::info!(
-                target: "keygate::access",
-                request_id = request_id.to_str().unwrap_or(""),
-                method = %parts.method,
-                status = rejection.status_and_type().0.as_u16(),
-                outcome = rejection.outcome(),
-                duration_us = started.elapsed().as_micros() as u64,
-                "rejected"
-            );
-            return reject(&rejection, &request_id);
+            let outcome = Outcome {
+                result: rejection.outcome(),
+                cors: cors::origin_for_rejection(snapshot, &parts.headers, &rejection),
+                ..Outcome::default()
+            };
+            return (reject(&rejection), outcome);
         }
+    };
+    let route = decision.route;
+    let mut outcome = Outcome {
+        route: Some(route.index),
+        principal: decision.principal.kind(),
+        key_id: decision.principal.key_id().map(str::to_owned),
+        project: decision.project.as_deref().map(str::to_owned),
+        result: "allowed",
+        cors: decision.origin.cloned(),
+        upstream: None,
     };
     if let Principal::Key(key) = &decision.principal {
         gateway.usage().observe(
@@ -81,18 +144,32 @@ pub async fn handle(gateway: &Gateway, req: Request<Incoming>, peer: Peer) -> Re
         );
     }
 
-    let route = decision.route;
-    let key_id = decision.principal.key_id().map(str::to_owned);
-    let project = decision.project.as_deref().map(str::to_owned);
-    let principal_kind = decision.principal.kind();
-    let upstream = match route.target {
-        RouteTarget::Upstream(index) => &snapshot.upstreams[index],
+    let verdict = limit(
+        gateway,
+        snapshot,
+        &decision,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        peer,
+        now,
+    )
+    .await;
+    if let Some(verdict) = verdict.filter(|v| !v.allowed) {
+        metrics::counter!(m::RATE_LIMITED_TOTAL, "route" => route.index.to_string()).increment(1);
+        outcome.result = Rejection::RateLimited.outcome();
+        let mut response = reject(&Rejection::RateLimited);
+        rate_limit_headers(response.headers_mut(), &verdict, now, true);
+        return (response, outcome);
+    }
+
+    let upstream_index = match route.target {
         RouteTarget::Admin(endpoint) => {
             let call = AdminCall {
                 endpoint,
                 principal: decision.principal.clone(),
                 scopes: decision.scopes,
-                project: project.clone().unwrap_or_default(),
+                project: outcome.project.clone().unwrap_or_default(),
                 key_id: snapshot
                     .routes
                     .params(route, &decision.path)
@@ -102,34 +179,31 @@ pub async fn handle(gateway: &Gateway, req: Request<Incoming>, peer: Peer) -> Re
                 query: parts.uri.query().map(str::to_owned),
             };
             drop(decision);
-            let mut response = admin::handle(gateway, &snapshot, call, body)
-                .await
-                .unwrap_or_else(|rejection| reject(&rejection, &request_id));
-            response
-                .headers_mut()
-                .insert(REQUEST_ID, request_id.clone());
-            tracing::info!(
-                target: "keygate::access",
-                request_id = request_id.to_str().unwrap_or(""),
-                route = route.index,
-                principal = principal_kind,
-                key_id = key_id.as_deref().unwrap_or(""),
-                project = project.as_deref().unwrap_or(""),
-                status = response.status().as_u16(),
-                duration_us = started.elapsed().as_micros() as u64,
-                "served"
-            );
-            return response;
+            let mut response = match admin::handle(gateway, snapshot, call, body).await {
+                Ok(response) => response,
+                Err(rejection) => {
+                    outcome.result = rejection.outcome();
+                    reject(&rejection)
+                }
+            };
+            if let Some(verdict) = &verdict {
+                rate_limit_headers(response.headers_mut(), verdict, now, false);
+            }
+            return (response, outcome);
         }
+        RouteTarget::Upstream(index) => decision
+            .project
+            .as_deref()
+            .and_then(|p| snapshot.project(p))
+            .and_then(|p| p.upstream)
+            .unwrap_or(index),
     };
-    let uri = match upstream.uri_for(&decision.path, parts.uri.query()) {
-        Ok(uri) => uri,
-        Err(_) => {
-            return reject(
-                &Rejection::BadTarget("cannot build the upstream target"),
-                &request_id,
-            )
-        }
+    let upstream = &snapshot.upstreams[upstream_index];
+
+    let Ok(uri) = upstream.uri_for(&decision.path, parts.uri.query()) else {
+        let rejection = Rejection::BadTarget("cannot build the upstream target");
+        outcome.result = rejection.outcome();
+        return (reject(&rejection), outcome);
     };
     let scope_names = if upstream.forward_key {
         String::new()
@@ -143,68 +217,185 @@ pub async fn handle(gateway: &Gateway, req: Request<Incoming>, peer: Peer) -> Re
         &Forwarding {
             peer: peer.addr.ip(),
             https: peer.https,
-            request_id: &request_id,
+            request_id,
             forward_key: upstream.forward_key,
-            key_id: key_id.as_deref(),
-            project: project.as_deref(),
+            key_id: outcome.key_id.as_deref(),
+            project: outcome.project.as_deref(),
             scopes: &scope_names,
             authority: authority.as_deref(),
         },
     );
-    let route_index = route.index;
-
     parts.uri = uri;
     // The upstream connection's protocol is the client pool's choice, not the client's.
     parts.version = http::Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, body);
+
     let upstream_started = Instant::now();
-    let result =
-        tokio::time::timeout(upstream.timeout, upstream.client().request(upstream_req)).await;
+    let result = tokio::time::timeout(
+        upstream.timeout,
+        upstream.client().request(Request::from_parts(parts, body)),
+    )
+    .await;
+    let elapsed = upstream_started.elapsed();
+    metrics::histogram!(m::UPSTREAM_DURATION_SECONDS, "upstream" => upstream.name.clone())
+        .record(elapsed.as_secs_f64());
+    outcome.upstream = Some((upstream.name.clone(), elapsed));
     let response = match result {
         Ok(Ok(response)) => response,
         Ok(Err(err)) => {
+            let kind = if err.is_connect() { "connect" } else { "other" };
+            metrics::counter!(m::UPSTREAM_ERRORS_TOTAL, "upstream" => upstream.name.clone(), "kind" => kind)
+                .increment(1);
             tracing::warn!(
                 request_id = request_id.to_str().unwrap_or(""),
                 upstream = %upstream.name,
                 error = %err,
-                connect = err.is_connect(),
+                kind,
                 "upstream request failed"
             );
-            return reject(&Rejection::UpstreamUnavailable, &request_id);
+            outcome.result = Rejection::UpstreamUnavailable.outcome();
+            return (reject(&Rejection::UpstreamUnavailable), outcome);
         }
         Err(_) => {
+            metrics::counter!(m::UPSTREAM_ERRORS_TOTAL, "upstream" => upstream.name.clone(), "kind" => "timeout")
+                .increment(1);
             tracing::warn!(
                 request_id = request_id.to_str().unwrap_or(""),
                 upstream = %upstream.name,
                 timeout_ms = upstream.timeout.as_millis() as u64,
                 "upstream timed out"
             );
-            return reject(&Rejection::UpstreamTimeout, &request_id);
+            outcome.result = Rejection::UpstreamTimeout.outcome();
+            return (reject(&Rejection::UpstreamTimeout), outcome);
         }
     };
     let (mut parts, body) = response.into_parts();
-    headers::to_client(&mut parts.headers, &request_id);
+    headers::to_client(&mut parts.headers);
+    if let Some(verdict) = &verdict {
+        rate_limit_headers(&mut parts.headers, verdict, now, false);
+    }
+    (
+        Response::from_parts(parts, body.map_err(BoxError::from).boxed()),
+        outcome,
+    )
+}
+
+/// Counts the request against the route's abuse limit (guests only: API keys and dev keys are
+/// exempt) and the key's own limit; returns the tightest verdict, if any limit applies.
+#[allow(clippy::too_many_arguments)]
+async fn limit(
+    gateway: &Gateway,
+    snapshot: &Snapshot,
+    decision: &Decision<'_, '_>,
+    method: &Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    peer: Peer,
+    now: i64,
+) -> Option<Verdict> {
+    let mut verdict: Option<Verdict> = None;
+    let mut tighten = |v: Verdict| verdict = Some(verdict.map_or(v, |p| p.tighter(v)));
+    if let Some(limit) = decision
+        .route
+        .rate_limit
+        .as_ref()
+        .filter(|_| !decision.exempt_from_route_limits())
+    {
+        let params = snapshot.routes.params(decision.route, &decision.path);
+        let facts = RequestFacts {
+            ip: peer.addr.ip(),
+            method,
+            route: decision.route,
+            params: &params,
+            query: uri.query(),
+            headers,
+            key_id: decision.principal.key_id().unwrap_or(""),
+            project: decision.project.as_deref().unwrap_or(""),
+        };
+        for template in &limit.keys {
+            let key = counter_key(template, &facts);
+            tighten(
+                gateway
+                    .limits()
+                    .hit(&key, limit.limit, limit.window, now)
+                    .await,
+            );
+        }
+    }
+    if let Principal::Key(key) = &decision.principal {
+        if let Some(own) = key.rate_limit {
+            let counter = format!("key:{}:{}", key.project, key.id);
+            let window = Duration::from_secs(own.window_secs.into());
+            tighten(gateway.limits().hit(&counter, own.limit, window, now).await);
+        }
+    }
+    verdict
+}
+
+fn rate_limit_headers(headers: &mut http::HeaderMap, verdict: &Verdict, now: i64, refused: bool) {
+    headers.insert("x-ratelimit-limit", verdict.limit.into());
+    headers.insert("x-ratelimit-remaining", verdict.remaining.into());
+    headers.insert("x-ratelimit-reset", verdict.reset.into());
+    if refused {
+        headers.insert(
+            http::header::RETRY_AFTER,
+            (verdict.reset - now).max(1).into(),
+        );
+    }
+}
+
+fn record(
+    method: &Method,
+    request_id: &HeaderValue,
+    status: u16,
+    outcome: &Outcome,
+    started: Instant,
+) {
+    let elapsed = started.elapsed();
+    let route = outcome
+        .route
+        .map_or_else(|| "none".to_owned(), |r| r.to_string());
+    let method_label = match *method {
+        Method::GET
+        | Method::HEAD
+        | Method::POST
+        | Method::PUT
+        | Method::PATCH
+        | Method::DELETE
+        | Method::OPTIONS => method.as_str().to_owned(),
+        _ => "other".to_owned(),
+    };
+    metrics::counter!(
+        m::REQUESTS_TOTAL,
+        "route" => route.clone(),
+        "method" => method_label,
+        "status" => m::status_class(status),
+        "outcome" => outcome.result,
+    )
+    .increment(1);
+    metrics::histogram!(m::REQUEST_DURATION_SECONDS, "route" => route)
+        .record(elapsed.as_secs_f64());
+    if outcome.result != "preflight" {
+        metrics::counter!(m::AUTH_DECISIONS_TOTAL, "outcome" => outcome.result).increment(1);
+    }
     tracing::info!(
         target: "keygate::access",
         request_id = request_id.to_str().unwrap_or(""),
-        route = route_index,
-        principal = principal_kind,
-        key_id = key_id.as_deref().unwrap_or(""),
-        project = project.as_deref().unwrap_or(""),
-        status = parts.status.as_u16(),
-        upstream_us = upstream_started.elapsed().as_micros() as u64,
-        duration_us = started.elapsed().as_micros() as u64,
-        "forwarded"
+        method = %method,
+        route = outcome.route,
+        principal = outcome.principal,
+        key_id = outcome.key_id.as_deref().unwrap_or(""),
+        project = outcome.project.as_deref().unwrap_or(""),
+        status,
+        outcome = outcome.result,
+        upstream = outcome.upstream.as_ref().map(|(name, _)| name.as_str()),
+        upstream_us = outcome.upstream.as_ref().map(|(_, d)| d.as_micros() as u64),
+        duration_us = elapsed.as_micros() as u64,
     );
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
 }
 
 /// An Appwrite error response for a rejection.
-pub fn reject(rejection: &Rejection, request_id: &HeaderValue) -> Response<Body> {
-    let mut response: Response<Full<Bytes>> = rejection.to_body().into_response();
-    response
-        .headers_mut()
-        .insert(REQUEST_ID, request_id.clone());
+pub fn reject(rejection: &Rejection) -> Response<Body> {
+    let response: Response<Full<Bytes>> = rejection.to_body().into_response();
     response.map(|b| b.map_err(|never| match never {}).boxed())
 }
 

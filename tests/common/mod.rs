@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use keygate::config::Snapshot;
 use keygate::gateway::Gateway;
 use keygate::keys::store::{Actor, NewKey};
-use keygate::keys::{KeyKind, Secret};
+use keygate::keys::{KeyKind, KeyRateLimit, Secret};
 use keygate::sample::Echo;
 
 /// The config most tests run on. `{upstream}` and `{db}` are filled in.
@@ -129,7 +129,25 @@ impl Harness {
         scopes: &[&str],
         expire: Option<DateTime<Utc>>,
     ) -> (String, Secret) {
-        let secret = Secret::generate();
+        self.insert_key(KeyKind::Standard, project, scopes, expire, None)
+            .await
+    }
+
+    /// Creates a dev key expiring at `expire`, live on return.
+    pub async fn create_dev_key(&self, project: &str, expire: DateTime<Utc>) -> (String, Secret) {
+        self.insert_key(KeyKind::Dev, project, &[], Some(expire), None)
+            .await
+    }
+
+    pub async fn insert_key(
+        &self,
+        kind: KeyKind,
+        project: &str,
+        scopes: &[&str],
+        expire: Option<DateTime<Utc>>,
+        rate_limit: Option<KeyRateLimit>,
+    ) -> (String, Secret) {
+        let secret = Secret::generate_for(kind);
         let id = keygate::keys::unique_id();
         self.gateway
             .store()
@@ -137,12 +155,13 @@ impl Harness {
                 NewKey {
                     id: id.clone(),
                     project: project.into(),
-                    kind: KeyKind::Standard,
+                    kind,
                     name: "test".into(),
                     description: String::new(),
                     scopes: scopes.iter().map(|s| s.to_string()).collect(),
                     expire,
                     digest: secret.digest(),
+                    rate_limit,
                 },
                 Actor::CLI,
             )

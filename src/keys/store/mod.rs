@@ -13,7 +13,7 @@ use serde::Serialize;
 
 pub use sqlite::SqliteStore;
 
-use super::{Digest, KeyKind, KeyRecord};
+use super::{Digest, KeyKind, KeyRateLimit, KeyRecord};
 use crate::config::StoreUrl;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,7 @@ pub struct NewKey {
     pub scopes: Vec<String>,
     pub expire: Option<DateTime<Utc>>,
     pub digest: Digest,
+    pub rate_limit: Option<KeyRateLimit>,
 }
 
 /// A full replacement of a key's editable fields (Appwrite's PUT semantics).
@@ -48,6 +49,7 @@ pub struct KeyUpdate {
     pub description: String,
     pub scopes: Vec<String>,
     pub expire: Option<DateTime<Utc>>,
+    pub rate_limit: Option<KeyRateLimit>,
 }
 
 /// A new secret for an existing key; the old one stays valid until `grace_until`, if given.
@@ -168,6 +170,11 @@ pub(crate) fn diff(before: &KeyRecord, after: &KeyRecord) -> serde_json::Value {
         before.expire.as_ref().map(super::format_date).into(),
         after.expire.as_ref().map(super::format_date).into(),
     );
+    field(
+        "rateLimit",
+        serde_json::to_value(before.rate_limit).unwrap_or_default(),
+        serde_json::to_value(after.rate_limit).unwrap_or_default(),
+    );
     serde_json::Value::Object(changes)
 }
 
@@ -178,5 +185,6 @@ pub(crate) fn summary(record: &KeyRecord) -> serde_json::Value {
         "description": record.description,
         "scopes": record.scopes,
         "expire": record.expire.as_ref().map(super::format_date),
+        "rateLimit": record.rate_limit,
     })
 }

@@ -13,7 +13,7 @@ use super::{
     diff, summary, Actor, AuditEvent, Change, Cursor, KeyStore, KeyUpdate, NewKey, Rotation,
     StoreError, Usage,
 };
-use crate::keys::{format_date, Digest, KeyKind, KeyRecord, PreviousSecret};
+use crate::keys::{format_date, Digest, KeyKind, KeyRateLimit, KeyRecord, PreviousSecret};
 
 const SCHEMA_VERSION: i64 = 1;
 const SCHEMA: &str = "
@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS keys (
     digest          BLOB NOT NULL UNIQUE,
     previous_digest BLOB UNIQUE,
     previous_until  INTEGER,
+    rate_limit      INTEGER,
+    rate_window     INTEGER,
     PRIMARY KEY (project, id)
 );
 CREATE TABLE IF NOT EXISTS key_changes (
@@ -52,7 +54,8 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_key ON audit (key_id);
 ";
 const COLUMNS: &str = "project, id, kind, name, description, scopes, expire, created_at, \
-                       updated_at, accessed_at, sdks, digest, previous_digest, previous_until";
+                       updated_at, accessed_at, sdks, digest, previous_digest, previous_until, \
+                       rate_limit, rate_window";
 
 /// A SQLite-backed [`KeyStore`]. Blocking SQLite calls run on tokio's blocking pool.
 pub struct SqliteStore {
@@ -194,6 +197,13 @@ fn read_record(row: &Row<'_>) -> rusqlite::Result<KeyRecord> {
         sdks: serde_json::from_str(&sdks).unwrap_or_default(),
         digest: digest_from(row.get(11)?, 11)?,
         previous,
+        rate_limit: match (
+            row.get::<_, Option<u32>>(14)?,
+            row.get::<_, Option<u32>>(15)?,
+        ) {
+            (Some(limit), Some(window_secs)) => Some(KeyRateLimit { limit, window_secs }),
+            _ => None,
+        },
     })
 }
 
@@ -261,8 +271,8 @@ impl KeyStore for SqliteStore {
         self.write(move |tx| {
             let now = millis(&Utc::now());
             tx.execute(
-                "INSERT INTO keys (project, id, kind, name, description, scopes, expire, created_at, updated_at, digest)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
+                "INSERT INTO keys (project, id, kind, name, description, scopes, expire, created_at, updated_at, digest, rate_limit, rate_window)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11)",
                 params![
                     key.project,
                     key.id,
@@ -273,6 +283,8 @@ impl KeyStore for SqliteStore {
                     key.expire.as_ref().map(millis),
                     now,
                     &key.digest.0[..],
+                    key.rate_limit.map(|r| r.limit),
+                    key.rate_limit.map(|r| r.window_secs),
                 ],
             )
             .map_err(constraint)?;
@@ -316,7 +328,8 @@ impl KeyStore for SqliteStore {
         self.write(move |tx| {
             let before = select_one(tx, &project, &id)?.ok_or(StoreError::NotFound)?;
             tx.execute(
-                "UPDATE keys SET name = ?3, description = ?4, scopes = ?5, expire = ?6, updated_at = ?7
+                "UPDATE keys SET name = ?3, description = ?4, scopes = ?5, expire = ?6, updated_at = ?7,
+                        rate_limit = ?8, rate_window = ?9
                  WHERE project = ?1 AND id = ?2",
                 params![
                     project,
@@ -326,6 +339,8 @@ impl KeyStore for SqliteStore {
                     json(&update.scopes),
                     update.expire.as_ref().map(millis),
                     millis(&Utc::now()),
+                    update.rate_limit.map(|r| r.limit),
+                    update.rate_limit.map(|r| r.window_secs),
                 ],
             )
             .map_err(unavailable)?;

@@ -1,0 +1,62 @@
+//! Metric names, in one place. Units are in the names; labels are bounded: route id, method,
+//! status class, outcome, upstream name, error kind — never a path, a key id or a secret.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Requests by `route` (index, or `none`), `method`, `status` (class: 2xx…) and `outcome`.
+pub const REQUESTS_TOTAL: &str = "keygate_requests_total";
+/// Whole-request latency, by `route`.
+pub const REQUEST_DURATION_SECONDS: &str = "keygate_request_duration_seconds";
+/// Time spent waiting for the upstream's response head, by `upstream`.
+pub const UPSTREAM_DURATION_SECONDS: &str = "keygate_upstream_duration_seconds";
+/// Authorization decisions by `outcome` (`allowed` or the Appwrite error type).
+pub const AUTH_DECISIONS_TOTAL: &str = "keygate_auth_decisions_total";
+/// Keys in the cache.
+pub const KEY_CACHE_KEYS: &str = "keygate_key_cache_keys";
+/// Upstream failures by `upstream` and `kind` (`connect`, `timeout`, `other`).
+pub const UPSTREAM_ERRORS_TOTAL: &str = "keygate_upstream_errors_total";
+/// Requests refused by an abuse limit, by `route`.
+pub const RATE_LIMITED_TOTAL: &str = "keygate_rate_limited_total";
+/// Counter updates that fell back to local counters because Redis failed.
+pub const RATE_LIMIT_FALLBACK_TOTAL: &str = "keygate_rate_limit_backend_fallback_total";
+/// 1 while the shared (Redis) counter backend answers, 0 while falling back.
+pub const RATE_LIMIT_BACKEND_UP: &str = "keygate_rate_limit_backend_up";
+/// The config generation now serving.
+pub const CONFIG_GENERATION: &str = "keygate_config_generation";
+/// Config reloads refused (the running config kept serving).
+pub const CONFIG_RELOAD_FAILURES_TOTAL: &str = "keygate_config_reload_failures_total";
+/// Open client connections.
+pub const CONNECTIONS_OPEN: &str = "keygate_connections_open";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and returns the handle that renders it.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0, 30.0,
+            ])
+            .expect("the bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may be installed already (an embedding application); then keygate's
+        // own handle simply renders nothing.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// `2xx`, `4xx`…: a bounded label for a status.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
