@@ -19,10 +19,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use keygate::config::Snapshot;
-use keygate::gateway::Gateway;
+use keygate::gateway::{Clock, Gateway};
 use keygate::keys::store::{Actor, NewKey};
 use keygate::keys::{KeyKind, KeyRateLimit, Secret};
 use keygate::sample::Echo;
+use std::sync::atomic::AtomicI64;
 
 /// The config most tests run on. `{upstream}` and `{db}` are filled in.
 pub const TEST_CONFIG: &str = r#"
@@ -96,12 +97,30 @@ impl Harness {
         upstream: SocketAddr,
         stop_upstream: oneshot::Sender<()>,
     ) -> Harness {
+        Harness::start_full(template, upstream, stop_upstream, Clock::System).await
+    }
+
+    /// Starts keygate on a clock the test sets (Unix seconds).
+    pub async fn start_with_clock(template: &str, now: Arc<AtomicI64>) -> Harness {
+        let (upstream, stop_upstream) = start_echo().await;
+        Harness::start_full(template, upstream, stop_upstream, Clock::Manual(now)).await
+    }
+
+    async fn start_full(
+        template: &str,
+        upstream: SocketAddr,
+        stop_upstream: oneshot::Sender<()>,
+        clock: Clock,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("keys.db");
         let config_path = dir.path().join("keygate.yaml");
         std::fs::write(&config_path, fill(template, upstream, &db)).unwrap();
         let snapshot = Snapshot::load(&config_path).unwrap();
-        let gateway = Gateway::start(snapshot).await.unwrap();
+        let store = keygate::keys::store::open(&snapshot.store).await.unwrap();
+        let gateway = Gateway::with_store_and_clock(snapshot, store, clock)
+            .await
+            .unwrap();
         gateway.spawn_sync();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
