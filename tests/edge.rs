@@ -259,6 +259,11 @@ async fn origins_and_cors() {
     );
     let scoped = h.request(Method::GET, "/v1/users", &with_dev, "").await;
     scoped.assert_error(401, "general_unauthorized_scope");
+    // The page may read that refusal: the dev key passed, the scope check refused.
+    assert_eq!(
+        header(&scoped, "access-control-allow-origin"),
+        Some("https://evil.example")
+    );
     // `*` allows every origin for that project; requests without Origin are not browser calls.
     let other = h
         .request(

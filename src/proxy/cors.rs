@@ -8,7 +8,7 @@
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 
 use super::{full_body, Body};
-use crate::auth::{origin_allowed, PROJECT_HEADER};
+use crate::auth::{origin_allowed, DEV_KEY_HEADER, KEY_HEADER, PROJECT_HEADER};
 use crate::config::Snapshot;
 use crate::error::Rejection;
 
@@ -69,7 +69,9 @@ pub fn grant(headers: &mut HeaderMap, origin: &HeaderValue) {
     headers.append(header::VARY, HeaderValue::from_static("Origin"));
 }
 
-/// A refused request from an allowed origin still lets the page read the error.
+/// A refused request from an allowed origin still lets the page read the error. So does one
+/// whose API key or dev key was valid (the scope check, which comes after the credentials, is
+/// what refused it): those skip the origin check.
 pub fn origin_for_rejection(
     snapshot: &Snapshot,
     headers: &HeaderMap,
@@ -79,6 +81,9 @@ pub fn origin_for_rejection(
         return None;
     }
     let origin = headers.get(header::ORIGIN)?;
+    let credentials_passed = matches!(rejection, Rejection::MissingScope { .. })
+        && (headers.contains_key(KEY_HEADER) || headers.contains_key(DEV_KEY_HEADER));
     let project = headers.get(PROJECT_HEADER).and_then(|v| v.to_str().ok());
-    origin_allowed(snapshot, project, origin.as_bytes()).then(|| origin.clone())
+    (credentials_passed || origin_allowed(snapshot, project, origin.as_bytes()))
+        .then(|| origin.clone())
 }
