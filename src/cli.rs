@@ -310,9 +310,7 @@ async fn open_store(snapshot: &Snapshot) -> anyhow::Result<Arc<dyn KeyStore>> {
 }
 
 fn describe_store(url: &StoreUrl) -> String {
-    match url {
-        StoreUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
-    }
+    url.redacted()
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {

@@ -127,6 +127,17 @@ impl Gateway {
         Ok(changes.len())
     }
 
+    /// Reloads every key from the store and replaces the cache's content: catches any change a
+    /// feed may have missed (a notification lost while a connection was down).
+    pub async fn resync(&self) -> Result<usize, StoreError> {
+        let mut cursor = self.cursor.lock().await;
+        let (records, next) = self.store.load_all().await?;
+        self.keys.replace_all(&records, &self.snapshot().scopes);
+        *cursor = next;
+        metrics::gauge!(crate::metrics::KEY_CACHE_KEYS).set(self.keys.len() as f64);
+        Ok(records.len())
+    }
+
     /// Polls the change feed until the returned task is aborted. A failing store is logged and
     /// retried; the cache keeps serving what it has.
     pub fn spawn_sync(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
@@ -136,9 +147,19 @@ impl Gateway {
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
             let mut ticks: u64 = 0;
+            let mut last_resync = tokio::time::Instant::now();
             loop {
                 ticker.tick().await;
                 ticks += 1;
+                if let Some(every) = gateway.snapshot().store_resync {
+                    if last_resync.elapsed() >= every {
+                        last_resync = tokio::time::Instant::now();
+                        match gateway.resync().await {
+                            Ok(keys) => tracing::debug!(keys, "key cache resynced"),
+                            Err(err) => tracing::warn!(error = %err, "key cache resync failed"),
+                        }
+                    }
+                }
                 // About once a minute, drop local abuse-limit counters of ended windows.
                 if ticks % 300 == 0 {
                     let longest = gateway

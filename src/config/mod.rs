@@ -61,10 +61,35 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Where keys are stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     /// `sqlite://relative/path.db` (relative to the working directory) or `sqlite:///abs/path.db`.
     Sqlite(PathBuf),
+    /// `postgres://user:password@host:port/database` (several nodes share it).
+    Postgres(String),
+}
+
+impl StoreUrl {
+    /// The URL without its password, for logs and errors.
+    pub fn redacted(&self) -> String {
+        match self {
+            StoreUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
+            StoreUrl::Postgres(url) => match url.split_once("://").and_then(|(scheme, rest)| {
+                let (userinfo, host) = rest.rsplit_once('@')?;
+                let user = userinfo.split(':').next().unwrap_or("");
+                Some(format!("{scheme}://{user}:***@{host}"))
+            }) {
+                Some(redacted) => redacted,
+                None => url.clone(),
+            },
+        }
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
 }
 
 /// A project keys and requests may belong to.
@@ -114,6 +139,8 @@ pub struct Snapshot {
     pub listen: SocketAddr,
     pub ops_listen: Option<SocketAddr>,
     pub store: StoreUrl,
+    /// Full cache reloads from the store, if any.
+    pub store_resync: Option<Duration>,
     pub projects: HashMap<String, Project>,
     pub scopes: ScopeIndex,
     pub guest_scopes: ScopeSet,
@@ -232,6 +259,11 @@ impl Validator<'_> {
             None => None,
         };
         let store = self.store_url(&raw.store.url)?;
+        let store_resync = match (&raw.store.resync, &store) {
+            (Some(value), _) => Some(self.duration("store.resync", value)?),
+            (None, StoreUrl::Postgres(_)) => Some(Duration::from_secs(30)),
+            (None, StoreUrl::Sqlite(_)) => None,
+        };
 
         let dev_keys = DevKeySettings {
             enabled: raw.dev_keys.enabled.unwrap_or(true),
@@ -434,6 +466,7 @@ impl Validator<'_> {
             listen,
             ops_listen,
             store,
+            store_resync,
             projects,
             scopes,
             guest_scopes,
@@ -630,13 +663,16 @@ impl Validator<'_> {
     }
 
     fn store_url(&self, url: &Text) -> Result<StoreUrl, ConfigError> {
-        match url.strip_prefix("sqlite://") {
-            Some(path) if !path.is_empty() => Ok(StoreUrl::Sqlite(PathBuf::from(path))),
-            _ => Err(self.error(
-                "store.url",
-                "expected sqlite://PATH (a relative path is taken from the working directory)",
-            )),
+        if let Some(path) = url.strip_prefix("sqlite://").filter(|p| !p.is_empty()) {
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
         }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(url.0.clone()));
+        }
+        Err(self.error(
+            "store.url",
+            "expected sqlite://PATH (relative to the working directory) or postgres://…",
+        ))
     }
 
     fn duration(&self, key: &str, value: &Text) -> Result<Duration, ConfigError> {

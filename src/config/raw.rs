@@ -66,6 +66,10 @@ pub(crate) struct RawOps {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawStore {
     pub url: Text,
+    /// How often the whole cache is reloaded from the store, to catch changes a feed missed
+    /// (default: 30s for PostgreSQL; never for SQLite, whose change table misses nothing).
+    #[serde(default)]
+    pub resync: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -139,6 +139,9 @@ pub trait KeyStore: Send + Sync + 'static {
 pub async fn open(url: &StoreUrl) -> Result<std::sync::Arc<dyn KeyStore>, StoreError> {
     match url {
         StoreUrl::Sqlite(path) => Ok(std::sync::Arc::new(SqliteStore::open(path).await?)),
+        StoreUrl::Postgres(_) => Err(StoreError::Unavailable(
+            "the PostgreSQL store is not available in this build".into(),
+        )),
     }
 }
 
