@@ -28,6 +28,9 @@ use keygate::routes::RouteTarget;
     about = "Appwrite-style API key scopes, enforced at the edge"
 )]
 struct Cli {
+    /// Log format on stderr: `text` or `json` (level from KEYGATE_LOG, default info).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -195,7 +198,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging();
+    init_logging(&cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -215,14 +218,19 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init()
+    };
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -286,7 +294,7 @@ fn explain(snapshot: &Snapshot, method: &str, path: &str) -> anyhow::Result<()> 
             "scopes": route.scope_names.split(", ").filter(|s| !s.is_empty()).collect::<Vec<_>>(),
             "public": route.public,
             "target": match route.target {
-                RouteTarget::Upstream(i) => format!("upstream {}", snapshot.upstreams[i].name),
+                RouteTarget::Upstream(i) => format!("upstream {}", snapshot.upstreams[i].name()),
                 RouteTarget::Admin(endpoint) => format!("keygate key API ({endpoint:?})"),
             },
         }),
@@ -633,10 +641,6 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let gateway = Gateway::start(snapshot)
         .await
         .with_context(|| format!("cannot open the key store ({store_description})"))?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let local = listener.local_addr()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -647,7 +651,7 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     };
 
     if demo {
-        start_demo(&gateway, local, stopped()).await?;
+        start_demo(&gateway, listen, stopped()).await?;
     }
     let _sync = gateway.spawn_sync();
     if let Some(addr) = ops_listen {
@@ -657,14 +661,66 @@ async fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::info!(addr = %ops.local_addr()?, "ops listener ready");
         tokio::spawn(keygate::server::run_ops(ops, gateway.clone(), stopped()));
     }
-    tracing::info!(addr = %local, store = %store_description, keys = gateway.keys().len(), "keygate listening");
+    spawn_reload_triggers(&gateway);
+    tracing::info!(store = %store_description, keys = gateway.keys().len(), "keygate starting");
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down: no new connections, finishing requests in flight");
         let _ = stop_tx.send(true);
     });
-    keygate::server::run(listener, gateway, stopped()).await?;
+    keygate::server::serve(gateway, stopped())
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     Ok(())
+}
+
+/// Reloads on SIGHUP and when a config file (or an included one) changes on disk.
+fn spawn_reload_triggers(gateway: &Arc<Gateway>) {
+    #[cfg(unix)]
+    {
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            let Ok(mut hangups) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                let _ = gateway.reload().await;
+            }
+        });
+    }
+    let gateway = gateway.clone();
+    tokio::spawn(async move {
+        // Polling file metadata: portable, cheap at this rate, and blind to editor save tricks
+        // (rename over, truncate and write) that event APIs report inconsistently.
+        let stamp = |files: &[PathBuf]| -> Vec<Option<(std::time::SystemTime, u64)>> {
+            files
+                .iter()
+                .map(|f| {
+                    std::fs::metadata(f)
+                        .ok()
+                        .and_then(|m| Some((m.modified().ok()?, m.len())))
+                })
+                .collect()
+        };
+        let mut seen = stamp(&gateway.snapshot().files);
+        let mut ticker = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            ticker.tick().await;
+            let files = gateway.snapshot().files.clone();
+            let now = stamp(&files);
+            if now != seen {
+                seen = now;
+                tracing::info!("config file changed: reloading");
+                if gateway.reload().await.is_ok() {
+                    // The new config may include other files.
+                    seen = stamp(&gateway.snapshot().files);
+                }
+            }
+        }
+    });
 }
 
 /// The embedded demo: the sample upstream where the config expects it, and two fresh keys whose
@@ -676,7 +732,7 @@ async fn start_demo(
 ) -> anyhow::Result<()> {
     let snapshot = gateway.snapshot();
     let upstream = &snapshot.upstreams[0];
-    let sample_addr: SocketAddr = upstream
+    let sample_addr: SocketAddr = upstream.targets()[0]
         .authority()
         .as_str()
         .parse()

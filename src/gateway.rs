@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::Mutex;
+use std::path::PathBuf;
 
-use crate::config::Snapshot;
+use tokio::sync::{watch, Mutex};
+
+use crate::config::{ConfigError, Snapshot};
 use crate::keys::cache::KeyCache;
 use crate::keys::store::{self, Cursor, KeyStore, StoreError};
 use crate::keys::usage::UsageRecorder;
@@ -38,8 +40,11 @@ impl Clock {
 
 pub struct Gateway {
     config: ArcSwap<Snapshot>,
+    /// Bumped on every applied reload; listeners and tests wait on it.
+    generation: watch::Sender<u64>,
+    reload_lock: Mutex<()>,
     clock: Clock,
-    limits: Counters,
+    limits: ArcSwap<Counters>,
     keys: KeyCache,
     store: Arc<dyn KeyStore>,
     usage: UsageRecorder,
@@ -71,8 +76,11 @@ impl Gateway {
         tracing::info!(keys = keys.len(), "key cache loaded");
         crate::metrics::install();
         metrics::gauge!(crate::metrics::KEY_CACHE_KEYS).set(keys.len() as f64);
+        metrics::gauge!(crate::metrics::CONFIG_GENERATION).set(1.0);
         Ok(Arc::new(Gateway {
-            limits: Counters::new(&snapshot.rate_limits),
+            generation: watch::Sender::new(1),
+            reload_lock: Mutex::new(()),
+            limits: ArcSwap::from_pointee(Counters::new(&snapshot.rate_limits)),
             clock,
             config: ArcSwap::from_pointee(snapshot),
             keys,
@@ -92,8 +100,73 @@ impl Gateway {
         self.clock.now()
     }
 
-    pub fn limits(&self) -> &Counters {
-        &self.limits
+    /// The abuse-limit counters (replaced when a reload changes their backend).
+    pub fn limits(&self) -> Arc<Counters> {
+        self.limits.load_full()
+    }
+
+    /// The config generation now serving (1 at start, +1 per applied reload).
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
+    /// Notified of every applied reload.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Reads the config again and, if it is valid, swaps it in: requests in flight finish on the
+    /// snapshot they started with, new requests see the new one. A bad config changes nothing;
+    /// the error (file, line, key) is logged and counted. Returns the generation now serving.
+    pub async fn reload(&self) -> Result<u64, ConfigError> {
+        let _serial = self.reload_lock.lock().await;
+        let previous = self.snapshot();
+        let built = {
+            let previous = previous.clone();
+            tokio::task::spawn_blocking(move || previous.reload())
+                .await
+                .unwrap_or_else(|e| {
+                    Err(ConfigError {
+                        file: PathBuf::new(),
+                        line: None,
+                        column: None,
+                        key: None,
+                        message: format!("reload task failed: {e}"),
+                    })
+                })
+        };
+        let next = match built {
+            Ok(next) => next,
+            Err(err) => {
+                metrics::counter!(crate::metrics::CONFIG_RELOAD_FAILURES_TOTAL).increment(1);
+                tracing::error!(error = %err, generation = self.generation(), "config reload refused; the running config keeps serving");
+                return Err(err);
+            }
+        };
+        if next.store != previous.store {
+            tracing::warn!("store.url changed: the store in use stays until a restart");
+        }
+        if next.ops_listen != previous.ops_listen {
+            tracing::warn!("ops.listen changed: the ops listener moves at the next restart");
+        }
+        let grew = next.scopes.grew_since(&previous.scopes);
+        if next.rate_limits != previous.rate_limits {
+            self.limits
+                .store(Arc::new(Counters::new(&next.rate_limits)));
+        }
+        let next = Arc::new(next);
+        self.config.store(next.clone());
+        if grew {
+            self.keys.recompile(&next.scopes);
+        }
+        let mut generation = 0;
+        self.generation.send_modify(|g| {
+            *g += 1;
+            generation = *g;
+        });
+        metrics::gauge!(crate::metrics::CONFIG_GENERATION).set(generation as f64);
+        tracing::info!(generation, routes = next.routes.len(), "config reloaded");
+        Ok(generation)
     }
 
     pub fn keys(&self) -> &KeyCache {
@@ -173,7 +246,7 @@ impl Gateway {
                         .unwrap_or(0)
                         .max(crate::admin::handler::KEY_RATE_WINDOW_MAX.into());
                     gateway
-                        .limits
+                        .limits()
                         .sweep(gateway.now(), i64::try_from(longest).unwrap_or(i64::MAX));
                 }
                 match gateway.sync_once().await {

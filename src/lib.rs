@@ -35,6 +35,7 @@ pub mod proxy;
 pub mod routes;
 pub mod sample;
 pub mod server;
+pub mod tls;
 
 /// keygate's version, reported in every error body.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

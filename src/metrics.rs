@@ -17,6 +17,8 @@ pub const AUTH_DECISIONS_TOTAL: &str = "keygate_auth_decisions_total";
 pub const KEY_CACHE_KEYS: &str = "keygate_key_cache_keys";
 /// Upstream failures by `upstream` and `kind` (`connect`, `timeout`, `other`).
 pub const UPSTREAM_ERRORS_TOTAL: &str = "keygate_upstream_errors_total";
+/// Upstream addresses ejected by passive health, by `upstream`.
+pub const UPSTREAM_EJECTIONS_TOTAL: &str = "keygate_upstream_ejections_total";
 /// Requests refused by an abuse limit, by `route`.
 pub const RATE_LIMITED_TOTAL: &str = "keygate_rate_limited_total";
 /// Counter updates that fell back to local counters because Redis failed.

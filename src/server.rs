@@ -1,6 +1,10 @@
-//! Listeners: accept connections and serve them with hyper (HTTP/1.1 and cleartext HTTP/2 on
-//! one port), until the shutdown future resolves; then stop accepting and let open connections
-//! finish their requests.
+//! Listeners: accept connections (TLS when configured) and serve them with hyper — HTTP/1.1
+//! and HTTP/2 (ALPN over TLS, prior knowledge in cleartext) — until the shutdown future
+//! resolves; then stop accepting and let open connections finish within the grace period.
+//!
+//! Connection settings and TLS material are read from the current snapshot for every new
+//! connection, so a reload applies to new connections while open ones keep what they started
+//! with. [`serve`] re-binds the public listener only when a reload changes its address.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,38 +16,48 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
 
+use crate::config::{ServerSettings, Tls};
 use crate::gateway::Gateway;
+use crate::metrics as m;
 use crate::proxy::{self, full_body, Body, Peer};
 
-/// How long in-flight requests may run after shutdown begins.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn connection_builder() -> auto::Builder<TokioExecutor> {
+fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(64 * 1024);
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes)
+        .max_headers(settings.max_headers);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .max_header_list_size(64 * 1024);
+        .max_concurrent_streams(settings.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
     builder
 }
 
-/// Serves the public (proxy) listener.
+/// Serves the public (proxy) listener until `shutdown` resolves.
 pub async fn run(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    serve(listener, shutdown, move |peer| {
+    let settings = {
+        let gateway = gateway.clone();
+        move || {
+            let snapshot = gateway.snapshot();
+            (snapshot.server.clone(), snapshot.server.tls.clone())
+        }
+    };
+    let grace = gateway.snapshot().server.shutdown_grace;
+    let limit = Arc::new(Semaphore::new(gateway.snapshot().server.max_connections));
+    accept_loop(listener, shutdown, settings, limit, grace, move |peer| {
         let gateway = Arc::clone(&gateway);
         service_fn(move |req: Request<Incoming>| {
             let gateway = Arc::clone(&gateway);
@@ -53,35 +67,124 @@ pub async fn run(
     .await
 }
 
-/// Serves the ops listener: `/healthz` (the process is alive), `/readyz` (config loaded and
-/// the store reachable) and `/metrics` (Prometheus).
+/// Serves the public listener on the configured address, re-binding when a reload changes it:
+/// the new address is bound first (a failure keeps the old one serving), then the old listener
+/// stops accepting and its connections finish.
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut generations = gateway.subscribe();
+    let mut address = gateway.snapshot().listen;
+    let listener = TcpListener::bind(address).await?;
+    tracing::info!(addr = %listener.local_addr()?, "keygate listening");
+    let (mut stop, mut task) = spawn_listener(listener, gateway.clone());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            changed = generations.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let wanted = gateway.snapshot().listen;
+                if wanted == address {
+                    continue;
+                }
+                match TcpListener::bind(wanted).await {
+                    Ok(listener) => {
+                        tracing::info!(from = %address, to = %wanted, "listen address changed; re-bound");
+                        let _ = stop.send(true);
+                        let (new_stop, new_task) = spawn_listener(listener, gateway.clone());
+                        let old = std::mem::replace(&mut task, new_task);
+                        stop = new_stop;
+                        address = wanted;
+                        tokio::spawn(old);
+                    }
+                    Err(err) => tracing::error!(addr = %wanted, error = %err, "cannot bind the new listen address; still serving on the old one"),
+                }
+            }
+        }
+    }
+    let _ = stop.send(true);
+    task.await.unwrap_or(Ok(()))
+}
+
+fn spawn_listener(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+) -> (
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        run(listener, gateway, async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })
+        .await
+    });
+    (stop, task)
+}
+
+/// Serves the ops listener: `/healthz` (alive), `/readyz` (config loaded, store reachable,
+/// generation), `/metrics` (Prometheus) and `POST /reload`.
 pub async fn run_ops(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    serve(listener, shutdown, move |_peer| {
-        let gateway = Arc::clone(&gateway);
-        service_fn(move |req: Request<Incoming>| {
+    let settings = {
+        let gateway = gateway.clone();
+        move || {
+            let snapshot = gateway.snapshot();
+            (snapshot.server.clone(), snapshot.ops_tls.clone())
+        }
+    };
+    let grace = gateway.snapshot().server.shutdown_grace;
+    accept_loop(
+        listener,
+        shutdown,
+        settings,
+        Arc::new(Semaphore::new(256)),
+        grace,
+        move |_peer| {
             let gateway = Arc::clone(&gateway);
-            async move { Ok::<_, Infallible>(ops(&gateway, req).await) }
-        })
-    })
+            service_fn(move |req: Request<Incoming>| {
+                let gateway = Arc::clone(&gateway);
+                async move { Ok::<_, Infallible>(ops(&gateway, req).await) }
+            })
+        },
+    )
     .await
 }
 
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(full_body(value.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
 async fn ops(gateway: &Gateway, req: Request<Incoming>) -> Response<Body> {
-    let json = |status: StatusCode, value: serde_json::Value| {
-        let mut response = Response::new(full_body(value.to_string()));
-        *response.status_mut() = status;
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
-        response
-    };
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        (&Method::GET, "/readyz") => {
+            let generation = gateway.generation();
+            match gateway.store().ping().await {
+                Ok(()) => json(
+                    StatusCode::OK,
+                    serde_json::json!({"status": "ready", "generation": generation, "store": "ok", "keys": gateway.keys().len()}),
+                ),
+                Err(err) => json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({"status": "not ready", "generation": generation, "store": "unreachable", "error": err.to_string()}),
+                ),
+            }
+        }
         (&Method::GET, "/metrics") => {
             let mut response = Response::new(full_body(crate::metrics::install().render()));
             response.headers_mut().insert(
@@ -90,14 +193,14 @@ async fn ops(gateway: &Gateway, req: Request<Incoming>) -> Response<Body> {
             );
             response
         }
-        (&Method::GET, "/readyz") => match gateway.store().ping().await {
-            Ok(()) => json(
+        (&Method::POST, "/reload") => match gateway.reload().await {
+            Ok(generation) => json(
                 StatusCode::OK,
-                serde_json::json!({"status": "ready", "store": "ok", "keys": gateway.keys().len()}),
+                serde_json::json!({"status": "applied", "generation": generation}),
             ),
             Err(err) => json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"status": "not ready", "store": err.to_string()}),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({"status": "refused", "generation": gateway.generation(), "error": err.to_string()}),
             ),
         },
         _ => json(
@@ -107,9 +210,12 @@ async fn ops(gateway: &Gateway, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-async fn serve<S, F>(
+async fn accept_loop<S, F>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+    settings: impl Fn() -> (ServerSettings, Option<Tls>),
+    limit: Arc<Semaphore>,
+    grace: Duration,
     make_service: F,
 ) -> std::io::Result<()>
 where
@@ -119,40 +225,91 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let builder = connection_builder();
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, addr) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let service = make_service(Peer { addr, https: false });
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection.into_owned());
-                tokio::spawn(async move {
-                    if let Err(err) = connection.await {
-                        tracing::debug!(error = %err, "connection ended with an error");
-                    }
-                });
-            }
+        // At the connection limit, stop accepting: new clients wait in the listen backlog.
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             () = &mut shutdown => break,
-        }
+        };
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let (settings, tls) = settings();
+        let builder = connection_builder(&settings);
+        let watcher = graceful.watcher();
+        let service = make_service(Peer {
+            addr,
+            https: tls.is_some(),
+        });
+        tokio::spawn(async move {
+            metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
+            serve_connection(stream, tls, &settings, builder, service, watcher).await;
+            metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
+            drop(permit);
+        });
     }
     drop(listener);
     tokio::select! {
         () = graceful.shutdown() => {}
-        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
+        () = tokio::time::sleep(grace) => {
             tracing::warn!("shutdown grace period over; closing remaining connections");
         }
     }
     Ok(())
+}
+
+async fn serve_connection<S>(
+    stream: TcpStream,
+    tls: Option<Tls>,
+    settings: &ServerSettings,
+    builder: auto::Builder<TokioExecutor>,
+    service: S,
+    watcher: Watcher,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    match tls {
+        None => drive(TokioIo::new(stream), builder, service, watcher).await,
+        Some(Tls(acceptor)) => {
+            match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await
+            {
+                Ok(Ok(stream)) => drive(TokioIo::new(stream), builder, service, watcher).await,
+                Ok(Err(err)) => tracing::debug!(error = %err, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn drive<I, S>(
+    io: TokioIo<I>,
+    builder: auto::Builder<TokioExecutor>,
+    service: S,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    if let Err(err) = watcher.watch(connection.into_owned()).await {
+        tracing::debug!(error = %err, "connection ended with an error");
+    }
 }

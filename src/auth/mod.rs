@@ -186,8 +186,9 @@ pub fn decide<'s, 'r>(
     };
     if !route.public && !route.scopes.intersects(&scopes) {
         return Err(Rejection::MissingScope {
-            principal: match principal {
-                Principal::Guest => "a guest (no API key)",
+            principal: match (&principal, &dev_key) {
+                (Principal::Guest, None) => "a guest (no API key)",
+                (Principal::Guest, Some(_)) => "a dev key (which grants no scope)",
                 _ => "the API key",
             },
             needed: route.scope_names.clone(),

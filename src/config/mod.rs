@@ -17,7 +17,7 @@ use crate::admin::{self, MANAGEMENT_SCOPES};
 use crate::keys::ephemeral::{EphemeralSigner, SECRET_MIN_LEN};
 use crate::keys::scopes::{ScopeIndex, ScopeSet, MAX_SCOPES};
 use crate::limits::{self, RateLimit};
-use crate::proxy::upstream::Upstream;
+use crate::proxy::upstream::{Balance, Upstream, UpstreamSettings};
 use crate::routes::{project_segment, MethodSet, Route, RouteTable, RouteTarget};
 use raw::{RawConfig, RawInclude, RawRoute, Text};
 
@@ -110,6 +110,42 @@ impl Project {
     }
 }
 
+/// A listener's TLS configuration (certificate chain and key loaded).
+#[derive(Clone)]
+pub struct Tls(pub tokio_rustls::TlsAcceptor);
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Tls(..)")
+    }
+}
+
+/// How the public listener treats connections.
+#[derive(Clone)]
+pub struct ServerSettings {
+    /// Present when the listener terminates TLS.
+    pub tls: Option<Tls>,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub shutdown_grace: Duration,
+}
+
+impl fmt::Debug for ServerSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerSettings")
+            .field("tls", &self.tls)
+            .field("max_connections", &self.max_connections)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("max_header_bytes", &self.max_header_bytes)
+            .field("max_headers", &self.max_headers)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish()
+    }
+}
+
 /// Dev key policy.
 #[derive(Debug, Clone)]
 pub struct DevKeySettings {
@@ -124,7 +160,7 @@ pub enum LimitBackend {
     Redis(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitSettings {
     pub backend: LimitBackend,
     pub prefix: String,
@@ -137,7 +173,9 @@ pub struct Snapshot {
     /// Every file this snapshot was read from: the config and its includes.
     pub files: Vec<PathBuf>,
     pub listen: SocketAddr,
+    pub server: ServerSettings,
     pub ops_listen: Option<SocketAddr>,
+    pub ops_tls: Option<Tls>,
     pub store: StoreUrl,
     /// Full cache reloads from the store, if any.
     pub store_resync: Option<Duration>,
@@ -157,8 +195,23 @@ pub struct Snapshot {
 impl Snapshot {
     /// Loads and validates a config file and the files it includes.
     pub fn load(path: &Path) -> Result<Snapshot, ConfigError> {
+        Self::load_after(path, None)
+    }
+
+    /// Loads the config that succeeds `previous` (a reload): scope names keep their bits and
+    /// unchanged upstreams keep their connection pools.
+    pub fn load_after(path: &Path, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigError> {
         let text = read(path)?;
-        Self::parse(path, &text)
+        Self::parse_after(path, &text, previous)
+    }
+
+    /// Reads this snapshot's source again, as the config that succeeds it.
+    pub fn reload(&self) -> Result<Snapshot, ConfigError> {
+        if self.source == Path::new(EMBEDDED_NAME) {
+            Self::parse_after(&self.source, EMBEDDED_DEFAULT, Some(self))
+        } else {
+            Self::load_after(&self.source, Some(self))
+        }
     }
 
     /// The embedded default config (`config/keygate.yaml` at build time).
@@ -169,6 +222,14 @@ impl Snapshot {
     /// Parses and validates config text; `file` names the source in errors and anchors relative
     /// include paths.
     pub fn parse(file: &Path, text: &str) -> Result<Snapshot, ConfigError> {
+        Self::parse_after(file, text, None)
+    }
+
+    fn parse_after(
+        file: &Path,
+        text: &str,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, ConfigError> {
         let raw: RawConfig = yaml::parse(file, text)?;
         let mut sources = vec![Source {
             file: file.to_owned(),
@@ -194,7 +255,11 @@ impl Snapshot {
             });
             includes.push(included);
         }
-        Validator { sources: &sources }.build(raw, includes)
+        Validator {
+            sources: &sources,
+            previous,
+        }
+        .build(raw, includes)
     }
 
     pub fn project(&self, id: &str) -> Option<&Project> {
@@ -220,6 +285,7 @@ struct Source {
 struct Validator<'a> {
     /// The config first, then its includes in order.
     sources: &'a [Source],
+    previous: Option<&'a Snapshot>,
 }
 
 /// A route and where it was written.
@@ -254,9 +320,16 @@ impl Validator<'_> {
 
     fn build(&self, raw: RawConfig, includes: Vec<RawInclude>) -> Result<Snapshot, ConfigError> {
         let listen = self.socket_addr("server.listen", &raw.server.listen)?;
-        let ops_listen = match &raw.ops {
-            Some(ops) => Some(self.socket_addr("ops.listen", &ops.listen)?),
-            None => None,
+        let server = self.server_settings(&raw.server)?;
+        let (ops_listen, ops_tls) = match &raw.ops {
+            Some(ops) => (
+                Some(self.socket_addr("ops.listen", &ops.listen)?),
+                match &ops.tls {
+                    Some(tls) => Some(self.tls("ops.tls", tls, true)?),
+                    None => None,
+                },
+            ),
+            None => (None, None),
         };
         let store = self.store_url(&raw.store.url)?;
         let store_resync = match (&raw.store.resync, &store) {
@@ -358,23 +431,7 @@ impl Validator<'_> {
         let mut upstream_index = HashMap::new();
         let mut upstreams = Vec::new();
         for (name, upstream) in &raw.upstreams {
-            let key = format!("upstreams.{name}");
-            let timeout = match &upstream.timeout {
-                Some(v) => self.duration(&format!("{key}.timeout"), v)?,
-                None => Duration::from_secs(30),
-            };
-            let connect_timeout = match &upstream.connect_timeout {
-                Some(v) => self.duration(&format!("{key}.connect_timeout"), v)?,
-                None => Duration::from_secs(5),
-            };
-            let built = Upstream::new(
-                name,
-                &upstream.url,
-                upstream.forward_key,
-                timeout,
-                connect_timeout,
-            )
-            .map_err(|msg| self.error(format!("{key}.url"), msg))?;
+            let built = self.upstream(name, upstream)?;
             upstream_index.insert(name.as_str(), upstreams.len());
             upstreams.push(built);
         }
@@ -449,6 +506,7 @@ impl Validator<'_> {
                     public: false,
                     target: RouteTarget::Admin(*endpoint),
                     rate_limit: None,
+                    max_body: None,
                     project_segment: project_segment(path),
                 })
                 .expect("built-in route patterns are valid");
@@ -464,7 +522,9 @@ impl Validator<'_> {
             source: self.sources[0].file.clone(),
             files: self.sources.iter().map(|s| s.file.clone()).collect(),
             listen,
+            server,
             ops_listen,
+            ops_tls,
             store,
             store_resync,
             projects,
@@ -519,7 +579,10 @@ impl Validator<'_> {
                 named.push((route.source, format!("{}.scopes[{i}]", route.key), s));
             }
         }
-        let mut index = ScopeIndex::default();
+        let mut index = match self.previous {
+            Some(previous) => ScopeIndex::succeeding(&previous.scopes),
+            None => ScopeIndex::default(),
+        };
         for (source, key, name) in named {
             if !is_valid_scope_name(name) {
                 return Err(self.error_in(
@@ -639,8 +702,18 @@ impl Validator<'_> {
                 })
             }
         };
+        let max_body = match &raw.max_body {
+            Some(value) => Some(parse_size(value).ok_or_else(|| {
+                err(
+                    format!("{key}.max_body"),
+                    format!("`{}` is not a size such as 10MiB", &**value),
+                )
+            })?),
+            None => None,
+        };
         let scope_names: Vec<&str> = raw.scopes.iter().map(|s| &**s).collect();
         Ok(Route {
+            max_body,
             index: 0,
             pattern: raw.path.0.clone(),
             methods,
@@ -651,6 +724,130 @@ impl Validator<'_> {
             rate_limit,
             project_segment: project_segment(&raw.path),
         })
+    }
+
+    fn server_settings(&self, raw: &raw::RawServer) -> Result<ServerSettings, ConfigError> {
+        let size =
+            |key: &str, value: &Option<Text>, default: usize| -> Result<usize, ConfigError> {
+                match value {
+                    None => Ok(default),
+                    Some(v) => parse_size(v)
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or_else(|| {
+                            self.error(key, format!("`{}` is not a size such as 64KiB", &**v))
+                        }),
+                }
+            };
+        let duration =
+            |key: &str, value: &Option<Text>, default: u64| -> Result<Duration, ConfigError> {
+                match value {
+                    None => Ok(Duration::from_secs(default)),
+                    Some(v) => self.duration(key, v),
+                }
+            };
+        let max_header_bytes = size("server.max_header_bytes", &raw.max_header_bytes, 64 * 1024)?;
+        if max_header_bytes < 8192 {
+            return Err(self.error("server.max_header_bytes", "must be at least 8KiB"));
+        }
+        Ok(ServerSettings {
+            tls: match &raw.tls {
+                Some(tls) => Some(self.tls("server.tls", tls, false)?),
+                None => None,
+            },
+            max_connections: raw.max_connections.unwrap_or(10_000).max(1),
+            header_read_timeout: duration(
+                "server.header_read_timeout",
+                &raw.header_read_timeout,
+                30,
+            )?,
+            max_header_bytes,
+            max_headers: raw.max_headers.unwrap_or(100).max(1),
+            h2_max_concurrent_streams: raw.h2_max_concurrent_streams.unwrap_or(256).max(1),
+            shutdown_grace: duration("server.shutdown_grace", &raw.shutdown_grace, 30)?,
+        })
+    }
+
+    /// TLS files are relative to the config file's directory.
+    fn tls(&self, key: &str, raw: &raw::RawTls, allow_client_ca: bool) -> Result<Tls, ConfigError> {
+        if raw.client_ca.is_some() && !allow_client_ca {
+            return Err(self.error(
+                format!("{key}.client_ca"),
+                "client certificates are supported on the ops listener only",
+            ));
+        }
+        let base = self.sources[0]
+            .file
+            .parent()
+            .unwrap_or_else(|| Path::new(""));
+        let cert = base.join(&*raw.cert);
+        let private_key = base.join(&*raw.key);
+        let client_ca = raw.client_ca.as_ref().map(|ca| base.join(&**ca));
+        crate::tls::acceptor(&cert, &private_key, client_ca.as_deref())
+            .map(Tls)
+            .map_err(|msg| self.error(format!("{key}.cert"), msg))
+    }
+
+    fn upstream(&self, name: &str, raw: &raw::RawUpstream) -> Result<Upstream, ConfigError> {
+        let key = format!("upstreams.{name}");
+        let urls: Vec<String> = match (&raw.url, raw.urls.is_empty()) {
+            (Some(url), true) => vec![url.0.clone()],
+            (None, false) => raw.urls.iter().map(|u| u.0.clone()).collect(),
+            _ => return Err(self.error(key, "give either `url` or `urls` (a list)")),
+        };
+        let balance = match raw.balance.as_deref() {
+            None | Some("round_robin") => Balance::RoundRobin,
+            Some("least_outstanding") => Balance::LeastOutstanding,
+            Some(other) => {
+                return Err(self.error(
+                    format!("{key}.balance"),
+                    format!("`{other}` is not round_robin or least_outstanding"),
+                ))
+            }
+        };
+        let duration = |field: &str, value: &Option<Text>, default: Duration| match value {
+            Some(v) => self.duration(&format!("{key}.{field}"), v),
+            None => Ok(default),
+        };
+        let ca_pem = match &raw.ca {
+            Some(path) => {
+                let path = self.sources[0]
+                    .file
+                    .parent()
+                    .unwrap_or_else(|| Path::new(""))
+                    .join(&**path);
+                Some(std::fs::read(&path).map_err(|e| {
+                    self.error(
+                        format!("{key}.ca"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?)
+            }
+            None => None,
+        };
+        let settings = UpstreamSettings {
+            name: name.to_owned(),
+            urls,
+            forward_key: raw.forward_key,
+            timeout: duration("timeout", &raw.timeout, Duration::from_secs(30))?,
+            connect_timeout: duration(
+                "connect_timeout",
+                &raw.connect_timeout,
+                Duration::from_secs(5),
+            )?,
+            balance,
+            eject_after: raw.eject_after.unwrap_or(3).max(1),
+            eject_for: duration("eject_for", &raw.eject_for, Duration::from_secs(10))?,
+            ca_pem,
+        };
+        let previous = self
+            .previous
+            .and_then(|p| p.upstreams.iter().find(|u| u.name() == name));
+        let url_key = if raw.url.is_some() {
+            format!("{key}.url")
+        } else {
+            format!("{key}.urls")
+        };
+        Upstream::new(settings, previous).map_err(|msg| self.error(url_key, msg))
     }
 
     fn socket_addr(&self, key: &str, value: &Text) -> Result<SocketAddr, ConfigError> {
@@ -692,6 +889,27 @@ impl Validator<'_> {
             )),
         }
     }
+}
+
+/// A byte size: a number with an optional unit (B, KB, KiB, MB, MiB, GB, GiB).
+pub fn parse_size(value: &str) -> Option<u64> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1000 * 1000,
+        "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(factor)
 }
 
 /// `scheme://host[:port]`, as browsers send `Origin`.

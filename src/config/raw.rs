@@ -54,12 +54,45 @@ pub(crate) struct RawInclude {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawServer {
     pub listen: Text,
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+    /// Open client connections at most; further connections wait in the listen backlog.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Time a client has to send its request head.
+    #[serde(default)]
+    pub header_read_timeout: Option<Text>,
+    /// Request head size limit (HTTP/1.1 buffer, HTTP/2 header list); over it: 431.
+    #[serde(default)]
+    pub max_header_bytes: Option<Text>,
+    /// Request header count limit; over it: 431.
+    #[serde(default)]
+    pub max_headers: Option<usize>,
+    /// Concurrent HTTP/2 streams per connection.
+    #[serde(default)]
+    pub h2_max_concurrent_streams: Option<u32>,
+    /// How long requests in flight may take to finish after SIGTERM/SIGINT.
+    #[serde(default)]
+    pub shutdown_grace: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub cert: Text,
+    pub key: Text,
+    /// CA bundle that client certificates must chain to (ops listener only): clients must
+    /// present one.
+    #[serde(default)]
+    pub client_ca: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawOps {
     pub listen: Text,
+    #[serde(default)]
+    pub tls: Option<RawTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,7 +158,23 @@ pub(crate) struct RawKeys {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawUpstream {
-    pub url: Text,
+    /// One address (`url`) or several (`urls`), balanced.
+    #[serde(default)]
+    pub url: Option<Text>,
+    #[serde(default)]
+    pub urls: Vec<Text>,
+    /// `round_robin` (default) or `least_outstanding`.
+    #[serde(default)]
+    pub balance: Option<Text>,
+    /// Consecutive failures after which an address is ejected (default 3).
+    #[serde(default)]
+    pub eject_after: Option<u32>,
+    /// How long an ejected address rests (default 10s).
+    #[serde(default)]
+    pub eject_for: Option<Text>,
+    /// CA bundle for https:// upstreams (default: the system's roots).
+    #[serde(default)]
+    pub ca: Option<Text>,
     #[serde(default)]
     pub forward_key: bool,
     #[serde(default)]
@@ -147,6 +196,9 @@ pub(crate) struct RawRoute {
     pub public: bool,
     #[serde(default)]
     pub rate_limit: Option<RawRateLimit>,
+    /// Request body size limit (e.g. `10MiB`); over it: 413.
+    #[serde(default)]
+    pub max_body: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

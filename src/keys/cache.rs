@@ -15,7 +15,7 @@ use super::scopes::{ScopeIndex, ScopeSet};
 use super::{Digest, KeyKind, KeyRateLimit, KeyRecord};
 
 /// What the request path needs to know about a key.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CachedKey {
     pub id: Arc<str>,
     pub project: Arc<str>,
@@ -208,6 +208,16 @@ impl KeyCache {
             .collect();
         for key in stale {
             self.remove(&key.project, &key.id);
+        }
+    }
+
+    /// Compiles every key's scope set again, after a config reload brought scope names that
+    /// keys may hold but could not be compiled before.
+    pub fn recompile(&self, index: &ScopeIndex) {
+        for mut entry in self.by_digest.iter_mut() {
+            let mut key = CachedKey::clone(entry.value());
+            key.scopes = index.compile_known(key.scope_names.iter().map(|s| &**s));
+            *entry.value_mut() = Arc::new(key);
         }
     }
 

@@ -63,57 +63,88 @@ impl fmt::Debug for ScopeSet {
 pub struct UnknownScope(pub String);
 
 /// Maps the scope names one config knows to bit positions. Built once per config snapshot.
+///
+/// A reloaded config's index starts from the previous one ([`ScopeIndex::succeeding`]): a name
+/// keeps its bit for the life of the process, so scope sets compiled under the old config (the
+/// key cache's) never change meaning. Names the new config no longer knows keep their bit but
+/// leave the `current` mask, so they can neither be granted nor required.
 #[derive(Debug, Clone, Default)]
 pub struct ScopeIndex {
     names: Vec<Arc<str>>,
     bits: HashMap<Arc<str>, usize>,
+    current: ScopeSet,
 }
 
 impl ScopeIndex {
+    /// An empty index for the next config, keeping every bit `previous` assigned.
+    pub fn succeeding(previous: &ScopeIndex) -> ScopeIndex {
+        ScopeIndex {
+            names: previous.names.clone(),
+            bits: previous.bits.clone(),
+            current: ScopeSet::EMPTY,
+        }
+    }
+
     /// Registers a name, returning `None` when the index is full.
     pub(crate) fn register(&mut self, name: &str) -> Option<usize> {
-        if let Some(bit) = self.bits.get(name) {
-            return Some(*bit);
-        }
-        if self.names.len() == MAX_SCOPES {
-            return None;
-        }
-        let name: Arc<str> = Arc::from(name);
-        let bit = self.names.len();
-        self.names.push(name.clone());
-        self.bits.insert(name, bit);
+        let bit = match self.bits.get(name) {
+            Some(bit) => *bit,
+            None => {
+                if self.names.len() == MAX_SCOPES {
+                    return None;
+                }
+                let name: Arc<str> = Arc::from(name);
+                let bit = self.names.len();
+                self.names.push(name.clone());
+                self.bits.insert(name, bit);
+                bit
+            }
+        };
+        self.current.insert(bit);
         Some(bit)
     }
 
+    /// True when this index assigned bits that the previous one did not have: sets compiled
+    /// under the previous index may lack them and should be compiled again.
+    pub fn grew_since(&self, previous: &ScopeIndex) -> bool {
+        self.names.len() > previous.names.len()
+    }
+
+    /// Number of scope names this config knows.
     pub fn len(&self) -> usize {
-        self.names.len()
+        self.names().count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        self.current.is_empty()
     }
 
     pub fn knows(&self, name: &str) -> bool {
-        self.bits.contains_key(name)
+        self.bits
+            .get(name)
+            .is_some_and(|bit| self.current.contains_bit(*bit))
     }
 
-    /// Every known scope name, in the order the config introduced them.
+    /// Every scope name this config knows, in the order the configs introduced them.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.names.iter().map(|n| &**n)
+        self.names
+            .iter()
+            .enumerate()
+            .filter(|(bit, _)| self.current.contains_bit(*bit))
+            .map(|(_, n)| &**n)
     }
 
-    /// Compiles names into a set; any unknown name is an error.
+    /// Compiles names into a set; a name this config does not know is an error.
     pub fn compile<'a, I>(&self, names: I) -> Result<ScopeSet, UnknownScope>
     where
         I: IntoIterator<Item = &'a str>,
     {
         let mut set = ScopeSet::EMPTY;
         for name in names {
-            let bit = self
-                .bits
-                .get(name)
-                .ok_or_else(|| UnknownScope(name.to_owned()))?;
-            set.insert(*bit);
+            match self.bits.get(name) {
+                Some(bit) if self.current.contains_bit(*bit) => set.insert(*bit),
+                _ => return Err(UnknownScope(name.to_owned())),
+            }
         }
         Ok(set)
     }
@@ -174,6 +205,23 @@ mod tests {
         let index = index(&["a"]);
         assert_eq!(index.compile(["b"]), Err(UnknownScope("b".into())));
         assert!(index.compile_known(["b"]).is_empty());
+    }
+
+    #[test]
+    fn succeeding_indexes_keep_bits_and_forget_names() {
+        let old = index(&["a", "b"]);
+        let a_before = old.compile(["a"]).unwrap();
+        let mut new = ScopeIndex::succeeding(&old);
+        new.register("c");
+        new.register("a");
+        assert_eq!(new.compile(["a"]).unwrap(), a_before);
+        assert!(!new.knows("b"));
+        assert!(new.compile(["b"]).is_err());
+        assert_eq!(new.names().collect::<Vec<_>>(), vec!["a", "c"]);
+        assert!(new.grew_since(&old));
+        let mut same = ScopeIndex::succeeding(&new);
+        same.register("a");
+        assert!(!same.grew_since(&new));
     }
 
     #[test]

@@ -56,11 +56,21 @@ pub struct Forwarding<'a> {
     pub scopes: &'a str,
     /// Host for upstream requests that arrived without one (HTTP/2 sends `:authority`).
     pub authority: Option<&'a str>,
+    /// An HTTP/1.1 upgrade: `Upgrade` is kept (it is what the upstream must agree to).
+    pub upgrade: bool,
 }
 
 /// Rewrites client request headers into upstream request headers.
 pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
+    let upgrade = if fwd.upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
     strip_hop_by_hop(headers);
+    if let Some(protocol) = upgrade {
+        headers.insert(header::UPGRADE, protocol);
+    }
 
     // Identity headers are keygate's to write: drop every client-sent copy first.
     let spoofed: Vec<HeaderName> = headers
@@ -137,6 +147,7 @@ mod tests {
             project: Some("demo"),
             scopes: "users.read",
             authority: None,
+            upgrade: false,
         }
     }
 

@@ -7,6 +7,7 @@
 //! 5. `record` — metrics and one access-log line (never a secret).
 
 pub mod cors;
+mod forward;
 pub mod headers;
 pub mod upstream;
 
@@ -100,10 +101,11 @@ pub async fn handle(gateway: &Gateway, req: Request<Incoming>, peer: Peer) -> Re
 async fn process(
     gateway: &Gateway,
     snapshot: &Snapshot,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     peer: Peer,
     request_id: &HeaderValue,
 ) -> (Response<Body>, Outcome) {
+    let client_upgrade = forward::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let now = gateway.now();
 
@@ -199,84 +201,54 @@ async fn process(
             .unwrap_or(index),
     };
     let upstream = &snapshot.upstreams[upstream_index];
-
-    let Ok(uri) = upstream.uri_for(&decision.path, parts.uri.query()) else {
-        let rejection = Rejection::BadTarget("cannot build the upstream target");
-        outcome.result = rejection.outcome();
-        return (reject(&rejection), outcome);
-    };
-    let scope_names = if upstream.forward_key {
+    let scope_names = if upstream.forward_key() {
         String::new()
     } else {
         snapshot.scopes.names_of(&decision.scopes).join(",")
     };
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
-    drop(decision);
+    let path = decision.path.into_owned();
+    let max_body = route.max_body;
     headers::to_upstream(
         &mut parts.headers,
         &Forwarding {
             peer: peer.addr.ip(),
             https: peer.https,
             request_id,
-            forward_key: upstream.forward_key,
+            forward_key: upstream.forward_key(),
             key_id: outcome.key_id.as_deref(),
             project: outcome.project.as_deref(),
             scopes: &scope_names,
             authority: authority.as_deref(),
+            upgrade: client_upgrade.is_some(),
         },
     );
-    parts.uri = uri;
-    // The upstream connection's protocol is the client pool's choice, not the client's.
-    parts.version = http::Version::HTTP_11;
-
-    let upstream_started = Instant::now();
-    let result = tokio::time::timeout(
-        upstream.timeout,
-        upstream.client().request(Request::from_parts(parts, body)),
+    let (result, forwarded) = forward::forward(
+        upstream,
+        parts.method,
+        &path,
+        parts.uri.query(),
+        parts.headers,
+        body,
+        max_body,
+        client_upgrade,
     )
     .await;
-    let elapsed = upstream_started.elapsed();
-    metrics::histogram!(m::UPSTREAM_DURATION_SECONDS, "upstream" => upstream.name.clone())
-        .record(elapsed.as_secs_f64());
-    outcome.upstream = Some((upstream.name.clone(), elapsed));
-    let response = match result {
-        Ok(Ok(response)) => response,
-        Ok(Err(err)) => {
-            let kind = if err.is_connect() { "connect" } else { "other" };
-            metrics::counter!(m::UPSTREAM_ERRORS_TOTAL, "upstream" => upstream.name.clone(), "kind" => kind)
-                .increment(1);
-            tracing::warn!(
-                request_id = request_id.to_str().unwrap_or(""),
-                upstream = %upstream.name,
-                error = %err,
-                kind,
-                "upstream request failed"
-            );
-            outcome.result = Rejection::UpstreamUnavailable.outcome();
-            return (reject(&Rejection::UpstreamUnavailable), outcome);
+    metrics::histogram!(m::UPSTREAM_DURATION_SECONDS, "upstream" => upstream.name().to_owned())
+        .record(forwarded.elapsed.as_secs_f64());
+    outcome.upstream = Some((upstream.name().to_owned(), forwarded.elapsed));
+    match result {
+        Ok(mut response) => {
+            if let Some(verdict) = &verdict {
+                rate_limit_headers(response.headers_mut(), verdict, now, false);
+            }
+            (response, outcome)
         }
-        Err(_) => {
-            metrics::counter!(m::UPSTREAM_ERRORS_TOTAL, "upstream" => upstream.name.clone(), "kind" => "timeout")
-                .increment(1);
-            tracing::warn!(
-                request_id = request_id.to_str().unwrap_or(""),
-                upstream = %upstream.name,
-                timeout_ms = upstream.timeout.as_millis() as u64,
-                "upstream timed out"
-            );
-            outcome.result = Rejection::UpstreamTimeout.outcome();
-            return (reject(&Rejection::UpstreamTimeout), outcome);
+        Err(rejection) => {
+            outcome.result = rejection.outcome();
+            (reject(&rejection), outcome)
         }
-    };
-    let (mut parts, body) = response.into_parts();
-    headers::to_client(&mut parts.headers);
-    if let Some(verdict) = &verdict {
-        rate_limit_headers(&mut parts.headers, verdict, now, false);
     }
-    (
-        Response::from_parts(parts, body.map_err(BoxError::from).boxed()),
-        outcome,
-    )
 }
 
 /// Counts the request against the route's abuse limit (guests only: API keys and dev keys are
@@ -294,6 +266,19 @@ async fn limit(
 ) -> Option<Verdict> {
     let mut verdict: Option<Verdict> = None;
     let mut tighten = |v: Verdict| verdict = Some(verdict.map_or(v, |p| p.tighter(v)));
+    let limited_route = decision
+        .route
+        .rate_limit
+        .as_ref()
+        .filter(|_| !decision.exempt_from_route_limits());
+    let own_limit = match &decision.principal {
+        Principal::Key(key) => key.rate_limit,
+        _ => None,
+    };
+    if limited_route.is_none() && own_limit.is_none() {
+        return None;
+    }
+    let counters = gateway.limits();
     if let Some(limit) = decision
         .route
         .rate_limit
@@ -321,12 +306,10 @@ async fn limit(
             );
         }
     }
-    if let Principal::Key(key) = &decision.principal {
-        if let Some(own) = key.rate_limit {
-            let counter = format!("key:{}:{}", key.project, key.id);
-            let window = Duration::from_secs(own.window_secs.into());
-            tighten(gateway.limits().hit(&counter, own.limit, window, now).await);
-        }
+    if let (Some(own), Principal::Key(key)) = (own_limit, &decision.principal) {
+        let counter = format!("key:{}:{}", key.project, key.id);
+        let window = Duration::from_secs(own.window_secs.into());
+        tighten(counters.hit(&counter, own.limit, window, now).await);
     }
     verdict
 }

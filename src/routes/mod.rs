@@ -38,6 +38,8 @@ pub struct Route {
     pub public: bool,
     pub target: RouteTarget,
     pub rate_limit: Option<RateLimit>,
+    /// Request body size limit in bytes; larger bodies get 413.
+    pub max_body: Option<u64>,
     /// For `/v1/projects/{projectId}/…` routes: the path segment that names the project, which
     /// then takes precedence over (and must agree with) `X-Appwrite-Project`.
     pub project_segment: Option<usize>,
@@ -302,6 +304,7 @@ mod tests {
                     public: true,
                     target: RouteTarget::Upstream(0),
                     rate_limit: None,
+                    max_body: None,
                     project_segment: project_segment(pattern),
                 })
                 .unwrap();
