@@ -5,12 +5,14 @@
 //! Every key write also appends to a change feed, which is how processes that did not make the
 //! change (the CLI beside a running server, other gateway nodes) learn of it.
 
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use super::{Digest, KeyKind, KeyRateLimit, KeyRecord};
@@ -133,16 +135,85 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn changes_since(&self, cursor: Cursor) -> Result<(Vec<Change>, Cursor), StoreError>;
     /// Cheap liveness check.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Inserts a record exactly as given (digests, previous secret, timestamps, usage), for a
+    /// migration between stores. False, and nothing written, when a key with this project and id
+    /// already exists. It is a change: it reaches the change feed, and the audit log with the
+    /// actor `migrate` and the action `import`.
+    async fn import_record(&self, record: &KeyRecord) -> Result<bool, StoreError>;
+    /// Appends audit events from another store (new `seq` numbers, everything else kept),
+    /// skipping those already present: an event is present when the log already holds as many
+    /// events equal to it in everything but `seq` (see [`audit_identity`]) as `events` holds up
+    /// to and including it. Returns how many were appended. Not a change.
+    async fn import_audit(&self, events: &[AuditEvent]) -> Result<usize, StoreError>;
 }
 
 /// Opens the store a config names.
 pub async fn open(url: &StoreUrl) -> Result<std::sync::Arc<dyn KeyStore>, StoreError> {
     match url {
         StoreUrl::Sqlite(path) => Ok(std::sync::Arc::new(SqliteStore::open(path).await?)),
-        StoreUrl::Postgres(_) => Err(StoreError::Unavailable(
-            "the PostgreSQL store is not available in this build".into(),
-        )),
+        StoreUrl::Postgres(url) => Ok(std::sync::Arc::new(PostgresStore::open(url).await?)),
     }
+}
+
+/// What makes two audit events the same event, whatever store numbered them: every field but
+/// `seq`, with `changes` in a canonical form (object keys sorted).
+pub fn audit_identity(event: &AuditEvent) -> String {
+    fn canonical(value: &serde_json::Value) -> serde_json::Value {
+        match value {
+            serde_json::Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                serde_json::Value::Object(
+                    entries
+                        .into_iter()
+                        .map(|(k, v)| (k.clone(), canonical(v)))
+                        .collect(),
+                )
+            }
+            serde_json::Value::Array(items) => {
+                serde_json::Value::Array(items.iter().map(canonical).collect())
+            }
+            other => other.clone(),
+        }
+    }
+    serde_json::json!([
+        event.at,
+        event.actor,
+        event.project,
+        event.key_id,
+        event.kind,
+        event.action,
+        canonical(&event.changes),
+    ])
+    .to_string()
+}
+
+/// The events of `incoming` to append to a log that already holds `existing` (a count per
+/// [`audit_identity`]), in order: a multiset difference, so repeated identical events survive.
+pub(crate) fn audit_missing(
+    mut existing: std::collections::HashMap<String, usize>,
+    incoming: &[AuditEvent],
+) -> Vec<&AuditEvent> {
+    let mut missing = Vec::new();
+    for event in incoming {
+        match existing.get_mut(&audit_identity(event)) {
+            Some(count) if *count > 0 => *count -= 1,
+            _ => missing.push(event),
+        }
+    }
+    missing
+}
+
+/// An audit event's `at` (as [`super::format_date`] wrote it) back to a time.
+pub(crate) fn audit_time(event: &AuditEvent) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(&event.at)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            StoreError::Unavailable(format!(
+                "audit event {} has an unreadable time {:?}: {e}",
+                event.seq, event.at
+            ))
+        })
 }
 
 /// What changed between two versions of a key, for the audit log: `{field: [old, new]}`.

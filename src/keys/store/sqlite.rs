@@ -10,8 +10,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transaction};
 
 use super::{
-    diff, summary, Actor, AuditEvent, Change, Cursor, KeyStore, KeyUpdate, NewKey, Rotation,
-    StoreError, Usage,
+    audit_identity, audit_missing, audit_time, diff, summary, Actor, AuditEvent, Change, Cursor,
+    KeyStore, KeyUpdate, NewKey, Rotation, StoreError, Usage,
 };
 use crate::keys::{format_date, Digest, KeyKind, KeyRateLimit, KeyRecord, PreviousSecret};
 
@@ -452,19 +452,7 @@ impl KeyStore for SqliteStore {
             };
             let mut stmt = conn.prepare(sql).map_err(unavailable)?;
             let rows = stmt
-                .query_map(rusqlite::params_from_iter(args), |row| {
-                    let changes: String = row.get(7)?;
-                    Ok(AuditEvent {
-                        seq: row.get(0)?,
-                        at: format_date(&from_millis(row.get(1)?)),
-                        actor: row.get(2)?,
-                        project: row.get(3)?,
-                        key_id: row.get(4)?,
-                        kind: row.get(5)?,
-                        action: row.get(6)?,
-                        changes: serde_json::from_str(&changes).unwrap_or_default(),
-                    })
-                })
+                .query_map(rusqlite::params_from_iter(args), read_audit)
                 .map_err(unavailable)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
         })
@@ -524,4 +512,94 @@ impl KeyStore for SqliteStore {
         })
         .await
     }
+
+    async fn import_record(&self, record: &KeyRecord) -> Result<bool, StoreError> {
+        let record = record.clone();
+        self.write(move |tx| {
+            if select_one(tx, &record.project, &record.id)?.is_some() {
+                return Ok(false);
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO keys ({COLUMNS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                ),
+                params![
+                    record.project,
+                    record.id,
+                    record.kind.as_str(),
+                    record.name,
+                    record.description,
+                    json(&record.scopes),
+                    record.expire.as_ref().map(millis),
+                    millis(&record.created_at),
+                    millis(&record.updated_at),
+                    record.accessed_at.as_ref().map(millis),
+                    json(&record.sdks),
+                    &record.digest.0[..],
+                    record.previous.map(|p| p.digest.0.to_vec()),
+                    record.previous.map(|p| millis(&p.until)),
+                    record.rate_limit.map(|r| r.limit),
+                    record.rate_limit.map(|r| r.window_secs),
+                ],
+            )
+            .map_err(constraint)?;
+            record_change(tx, &record, Actor("migrate"), "import", &summary(&record))?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn import_audit(&self, events: &[AuditEvent]) -> Result<usize, StoreError> {
+        let events = events.to_vec();
+        self.write(move |tx| {
+            let mut existing = std::collections::HashMap::new();
+            {
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT seq, at, actor, project, key_id, kind, action, changes FROM audit",
+                    )
+                    .map_err(unavailable)?;
+                let rows = stmt.query_map([], read_audit).map_err(unavailable)?;
+                for row in rows {
+                    *existing
+                        .entry(audit_identity(&row.map_err(unavailable)?))
+                        .or_insert(0usize) += 1;
+                }
+            }
+            let missing = audit_missing(existing, &events);
+            for event in &missing {
+                tx.execute(
+                    "INSERT INTO audit (at, actor, project, key_id, kind, action, changes)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        millis(&audit_time(event)?),
+                        event.actor,
+                        event.project,
+                        event.key_id,
+                        event.kind,
+                        event.action,
+                        event.changes.to_string(),
+                    ],
+                )
+                .map_err(unavailable)?;
+            }
+            Ok(missing.len())
+        })
+        .await
+    }
+}
+
+fn read_audit(row: &Row<'_>) -> rusqlite::Result<AuditEvent> {
+    let changes: String = row.get(7)?;
+    Ok(AuditEvent {
+        seq: row.get(0)?,
+        at: format_date(&from_millis(row.get(1)?)),
+        actor: row.get(2)?,
+        project: row.get(3)?,
+        key_id: row.get(4)?,
+        kind: row.get(5)?,
+        action: row.get(6)?,
+        changes: serde_json::from_str(&changes).unwrap_or_default(),
+    })
 }
