@@ -19,6 +19,7 @@ projects:
   other: { origins: ["*"], upstream: alt }
   closed: { origins: ["https://closed.example.com"], dev_keys: false }
 keys: { implicit_scopes: [global] }
+scopes: [global]
 guest_scopes: [locale.read]
 upstreams:
   echo: { url: "http://{upstream}" }

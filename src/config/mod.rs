@@ -418,8 +418,13 @@ impl Validator<'_> {
             }
         }
 
-        let scopes =
-            self.scope_index(&raw, &includes, &guest_names, &implicit_names, &routes_in)?;
+        let scopes = self.scope_index(
+            &raw,
+            &includes,
+            (guest_source, &guest_names),
+            &implicit_names,
+            &routes_in,
+        )?;
         let implicit_scopes = scopes.compile_known(implicit_names.iter().copied());
         let guest_scopes = scopes.compile_known(guest_names.iter().copied());
         let ephemeral = self.ephemeral(&raw)?;
@@ -546,7 +551,7 @@ impl Validator<'_> {
         &self,
         raw: &RawConfig,
         includes: &[RawInclude],
-        guest_names: &[&str],
+        (guest_source, guest_names): (usize, &[&str]),
         implicit_names: &[&str],
         routes: &[SourcedRoute<'_>],
     ) -> Result<ScopeIndex, ConfigError> {
@@ -559,16 +564,7 @@ impl Validator<'_> {
                 named.push((n + 1, format!("scopes[{i}]"), s));
             }
         }
-        named.extend(
-            guest_names
-                .iter()
-                .map(|s| (0, "guest_scopes".to_owned(), *s)),
-        );
-        named.extend(
-            implicit_names
-                .iter()
-                .map(|s| (0, "keys.implicit_scopes".to_owned(), *s)),
-        );
+
         named.extend(
             MANAGEMENT_SCOPES
                 .iter()
@@ -598,6 +594,33 @@ impl Validator<'_> {
                     format!("more than {MAX_SCOPES} distinct scope names"),
                 ));
             }
+        }
+        // Guest and implicit scopes grant, they do not declare: a name no route uses and no
+        // `scopes:` list declares is a typo, not a scope.
+        let granted = guest_names
+            .iter()
+            .map(|name| (guest_source, "guest_scopes", *name, true))
+            .chain(implicit_names.iter().map(|name| {
+                (
+                    0,
+                    "keys.implicit_scopes",
+                    *name,
+                    raw.keys.implicit_scopes.is_some(),
+                )
+            }));
+        for (source, key, name, written) in granted {
+            if index.knows(name) {
+                continue;
+            }
+            if written {
+                return Err(self.error_in(
+                    source,
+                    key,
+                    format!("unknown scope `{name}`: no route uses it and no `scopes:` list declares it"),
+                ));
+            }
+            // An unwritten default (Appwrite's implicit scopes) is simply known.
+            index.register(name);
         }
         Ok(index)
     }

@@ -63,7 +63,7 @@ fn routes_need_scopes_or_public() {
 #[test]
 fn scopes_known_from_every_source() {
     let text = format!(
-        "{BASE}scopes: [extra.scope]\nguest_scopes: [locale.read]\nroutes:\n  - {{ methods: [GET], path: /a, scopes: [a.read, a.write] }}\n"
+        "{BASE}scopes: [extra.scope, locale.read]\nguest_scopes: [locale.read]\nroutes:\n  - {{ methods: [GET], path: /a, scopes: [a.read, a.write] }}\n"
     );
     let snapshot = parse(&text).unwrap();
     for name in [
@@ -135,7 +135,7 @@ fn includes_append_routes_and_report_their_own_lines() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("profile.yaml"),
-        "guest_scopes: [locale.read]\nscopes: [extra.read]\nroutes:\n  - { methods: [GET], path: /a, scopes: [a.read], rate_limit: { limit: 3, window: 60s, key: \"url:{url},ip:{ip}\" } }\n",
+        "guest_scopes: [locale.read]\nscopes: [extra.read, locale.read]\nroutes:\n  - { methods: [GET], path: /a, scopes: [a.read], rate_limit: { limit: 3, window: 60s, key: \"url:{url},ip:{ip}\" } }\n",
     )
     .unwrap();
     let main = dir.path().join("main.yaml");
@@ -182,4 +182,24 @@ fn the_appwrite_route_maps_load() {
         assert!(snapshot.routes.len() > 700, "{profile}");
         assert!(!snapshot.guest_scopes.is_empty());
     }
+}
+
+#[test]
+fn granted_scope_typos_are_errors() {
+    let text = format!("{BASE}guest_scopes: [locale.raed]\nroutes:\n  - {{ methods: [GET], path: /l, scopes: [locale.read] }}\n");
+    let err = parse(&text).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("guest_scopes"), "{err}");
+    assert!(err.message.contains("locale.raed"), "{err}");
+    let text = format!("{BASE}keys: {{ implicit_scopes: [globl] }}\nroutes: []\n");
+    assert_eq!(
+        parse(&text).unwrap_err().key.as_deref(),
+        Some("keys.implicit_scopes")
+    );
+    // Declared names and names a route uses are fine; unwritten defaults are simply known.
+    let text = format!("{BASE}scopes: [global]\nkeys: {{ implicit_scopes: [global] }}\nguest_scopes: [l.read]\nroutes:\n  - {{ methods: [GET], path: /l, scopes: [l.read] }}\n");
+    assert!(parse(&text).is_ok());
+    assert!(parse(&format!("{BASE}routes: []\n"))
+        .unwrap()
+        .scopes
+        .knows("graphql"));
 }

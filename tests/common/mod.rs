@@ -35,7 +35,7 @@ keys:
   ephemeral_secret: "test-only-ephemeral-signing-secret-0123456789"
   usage_interval: 1h
 guest_scopes: [locale.read]
-scopes: [unused.scope]
+scopes: [unused.scope, global, health.read]
 upstreams:
   echo: { url: "http://{upstream}", forward_key: false, timeout: 5s }
   appwrite: { url: "http://{upstream}", forward_key: true, timeout: 5s }
