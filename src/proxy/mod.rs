@@ -119,7 +119,12 @@ async fn process(
     ) {
         Ok(decision) => decision,
         Err(rejection) => {
+            // Label the refusal with its route when it has one (refusals are the rare path).
+            let route = crate::routes::normalize::normalize_path(parts.uri.path())
+                .ok()
+                .and_then(|path| snapshot.routes.find(&parts.method, &path).map(|r| r.index));
             let outcome = Outcome {
+                route,
                 result: rejection.outcome(),
                 cors: cors::origin_for_rejection(snapshot, &parts.headers, &rejection),
                 ..Outcome::default()
