@@ -203,3 +203,32 @@ fn granted_scope_typos_are_errors() {
         .scopes
         .knows("graphql"));
 }
+
+#[test]
+fn the_production_example_loads_with_dev_keys_off() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/production.yaml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(
+            "${KEYGATE_DATABASE_URL}",
+            "postgres://keygate:pw@127.0.0.1:5432/keygate",
+        )
+        .replace("${KEYGATE_REDIS_URL}", "redis://127.0.0.1:6379/0")
+        .replace(
+            "${KEYGATE_EPHEMERAL_SECRET}",
+            "0123456789abcdef0123456789abcdef",
+        );
+    let snapshot = Snapshot::parse(&path, &text).unwrap();
+    assert!(!snapshot.dev_keys.enabled);
+    assert!(!snapshot.project("main").unwrap().dev_keys);
+    assert!(matches!(snapshot.store, StoreUrl::Postgres(_)));
+    assert!(
+        !format!("{:?}", snapshot.store).contains("pw"),
+        "the store password leaked into Debug"
+    );
+    assert_eq!(
+        snapshot.rate_limits.backend,
+        LimitBackend::Redis("redis://127.0.0.1:6379/0".into())
+    );
+    assert!(snapshot.routes.len() > 700);
+}
