@@ -51,6 +51,9 @@ enum Command {
     /// Inspect the route table.
     #[command(subcommand)]
     Routes(RoutesCommand),
+    /// Work on stores directly.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Print the audit log of key changes (never a secret).
     Audit {
         #[arg(long)]
@@ -162,6 +165,19 @@ enum KeysCommand {
 }
 
 #[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy keys, dev keys and the audit log from one store to another (idempotent).
+    Migrate {
+        /// Source, e.g. sqlite://data/keygate.db
+        #[arg(long)]
+        from: String,
+        /// Target, e.g. postgres://keygate@db:5432/keygate
+        #[arg(long)]
+        to: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate a config file; prints the first error with its file, line and key.
     Check { file: PathBuf },
@@ -237,6 +253,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { config } => serve(config).await,
         Command::Keys(command) => keys(command).await,
+        Command::Store(StoreCommand::Migrate { from, to }) => {
+            let from = StoreUrl::parse(&from).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
+            let to = StoreUrl::parse(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+            if from == to {
+                bail!("--from and --to name the same store");
+            }
+            let source = store::open(&from)
+                .await
+                .with_context(|| format!("cannot open {}", from.redacted()))?;
+            let target = store::open(&to)
+                .await
+                .with_context(|| format!("cannot open {}", to.redacted()))?;
+            let report = keygate::store_migrate::migrate(source.as_ref(), target.as_ref()).await?;
+            print_json(&report)
+        }
         Command::Audit { config, key } => {
             let snapshot = load(config.as_deref())?;
             let events = open_store(&snapshot).await?.audit(key.as_deref()).await?;

@@ -19,7 +19,10 @@
 //! - [`auth`]: the authorization decision, a pure function usable from any hyper service.
 //! - [`proxy`]: forwarding, header rewriting, upstream clients.
 //! - [`gateway`]: shared state (snapshot, cache, store) and the change feed.
-//! - [`server`]: listeners and connection handling.
+//! - [`server`]: listeners (TLS, HTTP/1.1 and HTTP/2), the ops endpoints, graceful shutdown.
+//! - [`limits`]: abuse limits and their counters (local or Redis).
+//! - [`admin`]: keygate's own key-management API and the delegation ceiling.
+//! - [`metrics`]: metric names; [`tls`]: TLS material; [`store_migrate`]: store-to-store copy.
 //! - [`sample`]: the bundled echo upstream.
 //! - [`error`]: rejections and the Appwrite error body.
 
@@ -35,6 +38,7 @@ pub mod proxy;
 pub mod routes;
 pub mod sample;
 pub mod server;
+pub mod store_migrate;
 pub mod tls;
 
 /// keygate's version, reported in every error body.

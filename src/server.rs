@@ -4,7 +4,9 @@
 //!
 //! Connection settings and TLS material are read from the current snapshot for every new
 //! connection, so a reload applies to new connections while open ones keep what they started
-//! with. [`serve`] re-binds the public listener only when a reload changes its address.
+//! with; the shutdown grace period is read when shutdown begins. `max_connections` sizes the
+//! listener's semaphore when it starts, so a change takes effect when the listener is next
+//! bound. [`serve`] re-binds the public listener only when a reload changes its address.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -55,7 +57,10 @@ pub async fn run(
             (snapshot.server.clone(), snapshot.server.tls.clone())
         }
     };
-    let grace = gateway.snapshot().server.shutdown_grace;
+    let grace = {
+        let gateway = gateway.clone();
+        move || gateway.snapshot().server.shutdown_grace
+    };
     let limit = Arc::new(Semaphore::new(gateway.snapshot().server.max_connections));
     accept_loop(listener, shutdown, settings, limit, grace, move |peer| {
         let gateway = Arc::clone(&gateway);
@@ -141,7 +146,10 @@ pub async fn run_ops(
             (snapshot.server.clone(), snapshot.ops_tls.clone())
         }
     };
-    let grace = gateway.snapshot().server.shutdown_grace;
+    let grace = {
+        let gateway = gateway.clone();
+        move || gateway.snapshot().server.shutdown_grace
+    };
     accept_loop(
         listener,
         shutdown,
@@ -215,7 +223,7 @@ async fn accept_loop<S, F>(
     shutdown: impl Future<Output = ()>,
     settings: impl Fn() -> (ServerSettings, Option<Tls>),
     limit: Arc<Semaphore>,
-    grace: Duration,
+    grace: impl Fn() -> Duration,
     make_service: F,
 ) -> std::io::Result<()>
 where
@@ -263,7 +271,7 @@ where
     drop(listener);
     tokio::select! {
         () = graceful.shutdown() => {}
-        () = tokio::time::sleep(grace) => {
+        () = tokio::time::sleep(grace()) => {
             tracing::warn!("shutdown grace period over; closing remaining connections");
         }
     }

@@ -70,6 +70,17 @@ pub enum StoreUrl {
 }
 
 impl StoreUrl {
+    /// Parses `sqlite://PATH` or `postgres://…`.
+    pub fn parse(url: &str) -> Result<StoreUrl, String> {
+        if let Some(path) = url.strip_prefix("sqlite://").filter(|p| !p.is_empty()) {
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(url.to_owned()));
+        }
+        Err("expected sqlite://PATH (relative to the working directory) or postgres://…".into())
+    }
+
     /// The URL without its password, for logs and errors.
     pub fn redacted(&self) -> String {
         match self {
@@ -883,16 +894,7 @@ impl Validator<'_> {
     }
 
     fn store_url(&self, url: &Text) -> Result<StoreUrl, ConfigError> {
-        if let Some(path) = url.strip_prefix("sqlite://").filter(|p| !p.is_empty()) {
-            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
-        }
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(StoreUrl::Postgres(url.0.clone()));
-        }
-        Err(self.error(
-            "store.url",
-            "expected sqlite://PATH (relative to the working directory) or postgres://…",
-        ))
+        StoreUrl::parse(url).map_err(|msg| self.error("store.url", msg))
     }
 
     fn duration(&self, key: &str, value: &Text) -> Result<Duration, ConfigError> {
