@@ -80,7 +80,9 @@ pub async fn forward(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 
-    let replayable = idempotent(&method) && body.is_end_stream() && !upgrade;
+    // Worth keeping a copy of the head only when there is another address to try.
+    let replayable =
+        upstream.targets().len() > 1 && idempotent(&method) && body.is_end_stream() && !upgrade;
     let mut body: Option<Body> = Some(match max_body {
         Some(max) => Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
             .map_err(BoxError::from)
