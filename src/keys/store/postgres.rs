@@ -38,11 +38,16 @@
 //! heard one ping later (every notification committed before that reading has been read by
 //! then). The gateway's periodic full resync (`store.resync`, 30 s by default for PostgreSQL)
 //! remains the safety net for anything this reasoning misses.
+//!
+//! The caller of `changes_since` reads every reported key next; so that a burst of writes on
+//! other nodes costs one query rather than one per key, `changes_since` reads the reported keys
+//! ahead in one query and `get` serves each of them once from that, until the next
+//! `changes_since` or for [`READ_AHEAD_FOR`] at most, and never after this store wrote the key.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
@@ -81,6 +86,8 @@ const DELETIONS_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 const FEED_CAPACITY: usize = 100_000;
 /// Changes returned by one `changes_since`.
 const FEED_BATCH: usize = 10_000;
+/// How long a key read ahead by `changes_since` may be served to `get`.
+const READ_AHEAD_FOR: Duration = Duration::from_secs(1);
 /// Audit events appended per transaction by `import_audit`.
 const IMPORT_BATCH: usize = 1_000;
 
@@ -138,6 +145,16 @@ pub struct PostgresStore {
     pool: Pool,
     feed: Arc<Feed>,
     listener: tokio::task::AbortHandle,
+    read_ahead: Mutex<ReadAhead>,
+}
+
+/// The keys the last `changes_since` reported, read in one query, for the `get` of each that
+/// follows. Each is served once, for at most [`READ_AHEAD_FOR`], and never after this store wrote
+/// the key; the next `changes_since` replaces them all.
+#[derive(Default)]
+struct ReadAhead {
+    at: Option<Instant>,
+    records: HashMap<(String, String), Option<KeyRecord>>,
 }
 
 impl Drop for PostgresStore {
@@ -178,6 +195,7 @@ impl PostgresStore {
                 pool,
                 feed,
                 listener,
+                read_ahead: Mutex::default(),
             }),
             Ok(Ok(Err(err))) => {
                 listener.abort();
@@ -226,10 +244,27 @@ impl PostgresStore {
 
     /// Notes this store's own committed write in the feed at once.
     fn written(&self, project: &str, id: &str) {
+        self.forget_read_ahead(project, id);
         self.feed.push(Entry::Key(Change {
             project: project.to_owned(),
             id: id.to_owned(),
         }));
+    }
+
+    /// The record `changes_since` read ahead for this key, once.
+    fn read_ahead(&self, project: &str, id: &str) -> Option<Option<KeyRecord>> {
+        let mut ahead = self.read_ahead.lock().ok()?;
+        if ahead.at?.elapsed() > READ_AHEAD_FOR {
+            *ahead = ReadAhead::default();
+            return None;
+        }
+        ahead.records.remove(&(project.to_owned(), id.to_owned()))
+    }
+
+    fn forget_read_ahead(&self, project: &str, id: &str) {
+        if let Ok(mut ahead) = self.read_ahead.lock() {
+            ahead.records.remove(&(project.to_owned(), id.to_owned()));
+        }
     }
 }
 
@@ -1105,6 +1140,9 @@ impl KeyStore for PostgresStore {
 
     async fn get(&self, project: &str, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         let (project, id) = (project.to_owned(), id.to_owned());
+        if let Some(record) = self.read_ahead(&project, &id) {
+            return Ok(record);
+        }
         self.run(|c| {
             let (project, id) = (project.clone(), id.clone());
             Box::pin(async move { select_one(c, &project, &id, false, lost).await })
@@ -1194,7 +1232,11 @@ impl KeyStore for PostgresStore {
             return Ok(());
         }
         let usage = usage.to_vec();
-        self.run(|c| Box::pin(op_usage(c, usage.clone()))).await
+        self.run(|c| Box::pin(op_usage(c, usage.clone()))).await?;
+        for entry in &usage {
+            self.forget_read_ahead(&entry.project, &entry.id);
+        }
+        Ok(())
     }
 
     async fn audit(&self, key_id: Option<&str>) -> Result<Vec<AuditEvent>, StoreError> {
@@ -1241,6 +1283,9 @@ impl KeyStore for PostgresStore {
     }
 
     async fn changes_since(&self, cursor: Cursor) -> Result<(Vec<Change>, Cursor), StoreError> {
+        if let Ok(mut ahead) = self.read_ahead.lock() {
+            *ahead = ReadAhead::default();
+        }
         let entries = self.feed.after(cursor);
         let Some((last, _)) = entries.last() else {
             return Ok((Vec::new(), cursor));
@@ -1254,12 +1299,14 @@ impl KeyStore for PostgresStore {
             })
             .min();
         let mut changes = Vec::with_capacity(entries.len());
+        let mut read: HashMap<(String, String), Option<KeyRecord>> = HashMap::new();
         if let Some(deleted_after) = resync_from {
+            // Every key now present, and every key deleted since deletions were last known heard.
             let (present, deleted) = self
                 .run(|c| {
                     Box::pin(async move {
                         let present = c
-                            .query("SELECT project, id FROM keys", &[])
+                            .query(&format!("SELECT {COLUMNS} FROM keys"), &[])
                             .await
                             .map_err(lost)?;
                         let deleted = c
@@ -1269,23 +1316,83 @@ impl KeyStore for PostgresStore {
                             )
                             .await
                             .map_err(lost)?;
+                        let present = present
+                            .iter()
+                            .map(read_record)
+                            .collect::<Result<Vec<_>, _>>()?;
+                        let deleted: Vec<(String, String)> =
+                            deleted.iter().map(|r| (r.get(0), r.get(1))).collect();
                         Ok((present, deleted))
                     })
                 })
                 .await?;
-            for row in deleted.iter().chain(present.iter()) {
+            for (project, id) in deleted {
                 changes.push(Change {
-                    project: row.get(0),
-                    id: row.get(1),
+                    project: project.clone(),
+                    id: id.clone(),
                 });
+                read.insert((project, id), None);
+            }
+            for record in present {
+                changes.push(Change {
+                    project: record.project.clone(),
+                    id: record.id.clone(),
+                });
+                read.insert((record.project.clone(), record.id.clone()), Some(record));
             }
         }
         changes.extend(entries.into_iter().filter_map(|(_, e)| match e {
             Entry::Key(change) => Some(change),
             Entry::Resync { .. } => None,
         }));
-        // The same key twice in a row is read once.
-        changes.dedup();
+        // Each key once (a write of this store is queued twice: at once, and when heard).
+        let mut unique = HashSet::with_capacity(changes.len());
+        changes.retain(|c| unique.insert((c.project.clone(), c.id.clone())));
+
+        // The caller reads every changed key next: read them all now, in one query.
+        let (projects, ids): (Vec<String>, Vec<String>) = changes
+            .iter()
+            .filter(|c| !read.contains_key(&(c.project.clone(), c.id.clone())))
+            .map(|c| (c.project.clone(), c.id.clone()))
+            .unzip();
+        if !ids.is_empty() {
+            let fetched = self
+                .run(|c| {
+                    let (projects, ids) = (projects.clone(), ids.clone());
+                    Box::pin(async move {
+                        let rows = c
+                            .query(
+                                &format!(
+                                    "SELECT {COLUMNS} FROM keys WHERE (project, id) IN
+                                     (SELECT p, i FROM UNNEST($1::text[], $2::text[]) AS u (p, i))"
+                                ),
+                                &[&projects, &ids],
+                            )
+                            .await
+                            .map_err(lost)?;
+                        rows.iter()
+                            .map(|r| read_record(r).map_err(Fail::from))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .await;
+            match fetched {
+                Ok(records) => {
+                    read.extend(projects.into_iter().zip(ids).map(|key| (key, None)));
+                    for record in records {
+                        read.insert((record.project.clone(), record.id.clone()), Some(record));
+                    }
+                }
+                // Not fatal: each key is then read on its own (and fails there if it must).
+                Err(err) => tracing::debug!(error = %err, "reading changed keys ahead failed"),
+            }
+        }
+        if let Ok(mut ahead) = self.read_ahead.lock() {
+            *ahead = ReadAhead {
+                at: Some(Instant::now()),
+                records: read,
+            };
+        }
         Ok((changes, last))
     }
 
