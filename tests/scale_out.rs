@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::pg::PgDb;
 use common::ServeProcess;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -28,108 +29,6 @@ use tokio::sync::{oneshot, Semaphore};
 
 // ---------------------------------------------------------------------------------------------
 // A PostgreSQL database per test
-
-fn pg_port() -> u16 {
-    std::env::var("KEYGATE_TEST_PG_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(5432)
-}
-
-struct PgDb {
-    admin_url: String,
-    user: String,
-    name: String,
-}
-
-impl PgDb {
-    async fn fresh() -> Option<PgDb> {
-        let port = pg_port();
-        for user in ["postgres", "root"] {
-            let admin_url = format!("postgres://{user}@127.0.0.1:{port}/postgres");
-            let Ok(admin) = pg_client(&admin_url).await else {
-                continue;
-            };
-            let name = format!("keygate_t_{}", keygate::keys::unique_id());
-            admin
-                .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-                .await
-                .unwrap();
-            return Some(PgDb {
-                admin_url,
-                user: user.to_owned(),
-                name,
-            });
-        }
-        if std::env::var("KEYGATE_REQUIRE_SERVICES").as_deref() == Ok("1") {
-            panic!("PostgreSQL not reachable on 127.0.0.1:{port} and KEYGATE_REQUIRE_SERVICES=1");
-        }
-        eprintln!("SKIPPED: PostgreSQL not reachable on 127.0.0.1:{port}");
-        None
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "postgres://{}@127.0.0.1:{}/{}",
-            self.user,
-            pg_port(),
-            self.name
-        )
-    }
-
-    /// Terminates every other connection to the database (every node's); returns how many.
-    async fn terminate_connections(&self) -> usize {
-        let admin = pg_client(&self.admin_url).await.unwrap();
-        admin
-            .query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE datname = $1 AND pid <> pg_backend_pid()",
-                &[&self.name],
-            )
-            .await
-            .unwrap()
-            .len()
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let (url, name) = (self.admin_url.clone(), self.name.clone());
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                // After a restart the server may need a moment before it accepts connections.
-                for _ in 0..50 {
-                    if let Ok(admin) = pg_client(&url).await {
-                        let _ = admin
-                            .batch_execute(&format!(
-                                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-                            ))
-                            .await;
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-async fn pg_client(url: &str) -> Result<tokio_postgres::Client, String> {
-    let connecting = tokio_postgres::connect(url, tokio_postgres::NoTls);
-    match tokio::time::timeout(Duration::from_secs(3), connecting).await {
-        Ok(Ok((client, connection))) => {
-            tokio::spawn(connection);
-            Ok(client)
-        }
-        Ok(Err(err)) => Err(err.to_string()),
-        Err(_) => Err(format!("no answer from {url}")),
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Three nodes

@@ -21,122 +21,13 @@ use keygate::keys::store::{
 use keygate::keys::{KeyKind, KeyRateLimit, KeyRecord, PreviousSecret, Secret};
 use tokio::net::{TcpListener, TcpStream};
 
-// `store_migrate` is compiled here from its source until the library exports it.
-#[path = "../src/store_migrate.rs"]
-#[allow(dead_code)]
-mod store_migrate;
-mod keys {
-    pub use keygate::keys::store;
-}
+use keygate::store_migrate;
+
+mod common;
+use common::pg::{pg_port, PgDb};
 
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL test databases
-
-fn pg_port() -> u16 {
-    std::env::var("KEYGATE_TEST_PG_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(5432)
-}
-
-/// A database created for one test, dropped (connections and all) when this is dropped.
-struct PgDb {
-    admin_url: String,
-    user: String,
-    name: String,
-}
-
-impl PgDb {
-    /// A fresh database, or None (after printing why) when PostgreSQL is not reachable.
-    async fn fresh() -> Option<PgDb> {
-        let port = pg_port();
-        for user in ["postgres", "root"] {
-            let admin_url = format!("postgres://{user}@127.0.0.1:{port}/postgres");
-            let Ok(admin) = admin_client(&admin_url).await else {
-                continue;
-            };
-            let name = format!("keygate_t_{}", keygate::keys::unique_id());
-            admin
-                .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-                .await
-                .unwrap();
-            return Some(PgDb {
-                admin_url,
-                user: user.to_owned(),
-                name,
-            });
-        }
-        if std::env::var("KEYGATE_REQUIRE_SERVICES").as_deref() == Ok("1") {
-            panic!("PostgreSQL not reachable on 127.0.0.1:{port} and KEYGATE_REQUIRE_SERVICES=1");
-        }
-        eprintln!("SKIPPED: PostgreSQL not reachable on 127.0.0.1:{port}");
-        None
-    }
-
-    fn url(&self) -> String {
-        self.url_via(SocketAddr::from(([127, 0, 0, 1], pg_port())))
-    }
-
-    fn url_via(&self, addr: SocketAddr) -> String {
-        format!("postgres://{}@{addr}/{}", self.user, self.name)
-    }
-
-    async fn open(&self) -> Arc<dyn KeyStore> {
-        Arc::new(PostgresStore::open(&self.url()).await.unwrap())
-    }
-
-    /// A connection to the test database itself, for what a test does behind the store's back.
-    async fn client(&self) -> tokio_postgres::Client {
-        admin_client(&self.url()).await.unwrap()
-    }
-
-    /// Drops every connection other processes hold to this database.
-    async fn terminate_connections(&self) -> u64 {
-        let admin = admin_client(&self.admin_url).await.unwrap();
-        let rows = admin
-            .query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE datname = $1 AND pid <> pg_backend_pid()",
-                &[&self.name],
-            )
-            .await
-            .unwrap();
-        rows.len() as u64
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let (url, name) = (self.admin_url.clone(), self.name.clone());
-        // Drop may run inside a runtime (or while panicking): use a thread with its own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                if let Ok(admin) = admin_client(&url).await {
-                    let _ = admin
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-async fn admin_client(url: &str) -> Result<tokio_postgres::Client, String> {
-    let connecting = tokio_postgres::connect(url, tokio_postgres::NoTls);
-    match tokio::time::timeout(Duration::from_secs(3), connecting).await {
-        Ok(Ok((client, connection))) => {
-            tokio::spawn(connection);
-            Ok(client)
-        }
-        Ok(Err(err)) => Err(err.to_string()),
-        Err(_) => Err(format!("no answer from {url}")),
-    }
-}
 
 async fn sqlite_pair() -> (tempfile::TempDir, Arc<dyn KeyStore>, Arc<dyn KeyStore>) {
     let dir = tempfile::tempdir().unwrap();

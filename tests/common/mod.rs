@@ -2,6 +2,8 @@
 //! a temporary directory, and clients that speak through real sockets.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
