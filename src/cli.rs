@@ -496,6 +496,10 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
 }
 
 async fn rotate(target: Target, key_id: String, grace: std::time::Duration) -> anyhow::Result<()> {
+    let max = keygate::admin::handler::GRACE_MAX_SECONDS;
+    if grace.as_secs() > u64::try_from(max).unwrap_or(u64::MAX) {
+        bail!("--grace may be at most {max}s");
+    }
     let snapshot = load(target.config.as_deref())?;
     let store = open_store(&snapshot).await?;
     let current = store
@@ -617,11 +621,12 @@ fn parse_rate_limit(value: &str) -> Result<KeyRateLimit, String> {
         .ok()
         .filter(|l| *l > 0)
         .ok_or_else(|| format!("`{limit}` is not a positive number"))?;
+    let max = keygate::admin::handler::KEY_RATE_WINDOW_MAX;
     let window = humantime::parse_duration(window.trim())
         .ok()
         .and_then(|d| u32::try_from(d.as_secs()).ok())
-        .filter(|s| *s > 0)
-        .ok_or_else(|| format!("`{window}` is not a window such as 60s"))?;
+        .filter(|s| (1..=max).contains(s))
+        .ok_or_else(|| format!("`{window}` is not a window of 1s to {max}s such as 60s"))?;
     Ok(KeyRateLimit {
         limit,
         window_secs: window,

@@ -73,6 +73,8 @@ pub enum Rejection {
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    /// Something that should not happen did (a newly generated secret colliding with a stored
+    /// one); the request changed nothing.
     #[error("internal error")]
     Internal,
 }
@@ -82,7 +84,8 @@ impl Rejection {
     ///
     /// Types are Appwrite's (`errors.tsv`) where Appwrite has one. keygate's own, in Appwrite's
     /// style, cover what Appwrite never reports: the delegation ceiling (`key_scopes_exceeded`,
-    /// `key_expire_exceeded`, `key_target_forbidden`), and failures of the gateway's own
+    /// `key_expire_exceeded`, `key_target_forbidden`, `key_rate_limit_exceeded`), and failures of
+    /// the gateway's own
     /// dependencies (`general_bad_gateway`, `general_gateway_timeout`,
     /// `general_service_unavailable`, `general_payload_too_large`).
     pub fn status_and_type(&self) -> (StatusCode, &'static str) {

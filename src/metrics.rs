@@ -29,7 +29,7 @@ pub const RATE_LIMIT_BACKEND_UP: &str = "keygate_rate_limit_backend_up";
 pub const CONFIG_GENERATION: &str = "keygate_config_generation";
 /// Config reloads refused (the running config kept serving).
 pub const CONFIG_RELOAD_FAILURES_TOTAL: &str = "keygate_config_reload_failures_total";
-/// Open client connections.
+/// Open client connections, by `listener` (`public`, `ops`).
 pub const CONNECTIONS_OPEN: &str = "keygate_connections_open";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

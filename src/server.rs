@@ -62,13 +62,21 @@ pub async fn run(
         move || gateway.snapshot().server.shutdown_grace
     };
     let limit = Arc::new(Semaphore::new(gateway.snapshot().server.max_connections));
-    accept_loop(listener, shutdown, settings, limit, grace, move |peer| {
-        let gateway = Arc::clone(&gateway);
-        service_fn(move |req: Request<Incoming>| {
+    accept_loop(
+        listener,
+        "public",
+        shutdown,
+        settings,
+        limit,
+        grace,
+        move |peer| {
             let gateway = Arc::clone(&gateway);
-            async move { Ok::<_, Infallible>(proxy::handle(&gateway, req, peer).await) }
-        })
-    })
+            service_fn(move |req: Request<Incoming>| {
+                let gateway = Arc::clone(&gateway);
+                async move { Ok::<_, Infallible>(proxy::handle(&gateway, req, peer).await) }
+            })
+        },
+    )
     .await
 }
 
@@ -152,6 +160,7 @@ pub async fn run_ops(
     };
     accept_loop(
         listener,
+        "ops",
         shutdown,
         settings,
         Arc::new(Semaphore::new(256)),
@@ -218,8 +227,10 @@ async fn ops(gateway: &Gateway, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop<S, F>(
     listener: TcpListener,
+    name: &'static str,
     shutdown: impl Future<Output = ()>,
     settings: impl Fn() -> (ServerSettings, Option<Tls>),
     limit: Arc<Semaphore>,
@@ -262,9 +273,9 @@ where
             https: tls.is_some(),
         });
         tokio::spawn(async move {
-            metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
+            metrics::gauge!(m::CONNECTIONS_OPEN, "listener" => name).increment(1.0);
             serve_connection(stream, tls, &settings, builder, service, watcher).await;
-            metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
+            metrics::gauge!(m::CONNECTIONS_OPEN, "listener" => name).decrement(1.0);
             drop(permit);
         });
     }

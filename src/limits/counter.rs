@@ -74,11 +74,14 @@ impl Counters {
     pub fn new(settings: &RateLimitSettings) -> Counters {
         let redis = match &settings.backend {
             LimitBackend::Local => None,
-            LimitBackend::Redis(url) => Some(Redis {
-                url: url.clone(),
-                connection: Mutex::new(None),
-                paused_until: AtomicI64::new(0),
-                up: AtomicBool::new(true),
+            LimitBackend::Redis(url) => Some({
+                metrics::gauge!(m::RATE_LIMIT_BACKEND_UP).set(1.0);
+                Redis {
+                    url: url.clone(),
+                    connection: Mutex::new(None),
+                    paused_until: AtomicI64::new(0),
+                    up: AtomicBool::new(true),
+                }
             }),
         };
         Counters {

@@ -15,10 +15,14 @@ pub enum Placeholder {
     /// The route's template (`/v1/users/{userId}`), not the concrete path.
     Url,
     Method,
-    /// The caller's key id (Appwrite's user id); empty for guests.
+    /// The caller's key id in place of Appwrite's session user id, which keygate does not
+    /// see; empty for guests (the only callers route limits count).
     UserId,
     ProjectId,
-    /// A path parameter of the route, or a JSON/query parameter of the request.
+    /// A path parameter of the route, else a query parameter of the request. Body parameters
+    /// are not read (bodies are streamed, never buffered for a limit): a template that names
+    /// one counts every request of the route with an empty value, one shared budget — stricter
+    /// than Appwrite, never looser.
     Param(String),
     /// The chunk of a chunked upload (`Content-Range` start).
     ChunkId,

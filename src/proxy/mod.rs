@@ -61,6 +61,8 @@ struct Outcome {
     project: Option<String>,
     /// `allowed`, or the Appwrite error type of the rejection.
     result: &'static str,
+    /// What the authorization decision alone said (`allowed` or its refusal), when it ran.
+    decision: Option<&'static str>,
     /// The origin to grant CORS access to on the response.
     cors: Option<HeaderValue>,
     upstream: Option<(String, Duration)>,
@@ -126,6 +128,7 @@ async fn process(
             let outcome = Outcome {
                 route,
                 result: rejection.outcome(),
+                decision: Some(rejection.outcome()),
                 cors: cors::origin_for_rejection(snapshot, &parts.headers, &rejection),
                 ..Outcome::default()
             };
@@ -139,6 +142,7 @@ async fn process(
         key_id: decision.principal.key_id().map(str::to_owned),
         project: decision.project.as_deref().map(str::to_owned),
         result: "allowed",
+        decision: Some("allowed"),
         cors: decision.origin.cloned(),
         upstream: None,
     };
@@ -362,8 +366,8 @@ fn record(
     .increment(1);
     metrics::histogram!(m::REQUEST_DURATION_SECONDS, "route" => route)
         .record(elapsed.as_secs_f64());
-    if outcome.result != "preflight" {
-        metrics::counter!(m::AUTH_DECISIONS_TOTAL, "outcome" => outcome.result).increment(1);
+    if let Some(decision) = outcome.decision {
+        metrics::counter!(m::AUTH_DECISIONS_TOTAL, "outcome" => decision).increment(1);
     }
     tracing::info!(
         target: "keygate::access",

@@ -90,6 +90,8 @@ impl Drop for InFlight {
 
 pub struct Upstream {
     pub settings: UpstreamSettings,
+    /// Some address is https: the client carries trust roots.
+    needs_tls: bool,
     targets: Vec<Arc<Target>>,
     next: AtomicUsize,
     client: UpstreamClient,
@@ -153,15 +155,18 @@ impl Upstream {
             .iter()
             .map(|url| parse_target(url).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        let needs_tls = targets.iter().any(|t| t.scheme == Scheme::HTTPS);
         let client = match previous.filter(|p| {
             p.settings.connect_timeout == settings.connect_timeout
                 && p.settings.ca_pem == settings.ca_pem
+                && p.needs_tls == needs_tls
         }) {
             Some(previous) => previous.client.clone(),
-            None => build_client(&settings, targets.iter().any(|t| t.scheme == Scheme::HTTPS))?,
+            None => build_client(&settings, needs_tls)?,
         };
         Ok(Upstream {
             settings,
+            needs_tls,
             targets,
             next: AtomicUsize::new(0),
             client,
