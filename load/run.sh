@@ -1,0 +1,377 @@
+#!/usr/bin/env bash
+# keygate load test: one route, one upstream, measured three ways on this machine —
+#   direct   the upstream itself (a separate nginx answering 200 "ok\n");
+#   nginx    nginx as a keep-alive reverse proxy with a static X-Appwrite-Key/Project check;
+#   keygate  the release build, the whole Appwrite route map included, one key in SQLite.
+# Throughput: wrk with fixed connections. Latency: oha at a fixed offered rate (with latency
+# correction), the same rate for all three. Prints one table; see load/README.md.
+#
+# Knobs (environment): DURATION (s, default 15), WARMUP (s, 3), CONNS (64), THREADS (2),
+# RATE (req/s for the latency run; default RATE_PERCENT of the lower proxy throughput),
+# RATE_PERCENT (50), LAT_CONNS (32), BASE_PORT (18480), QUIET_BUSY (% CPU that other processes
+# may use for the machine to count as quiet, 25), QUIET_WAIT (s to wait for quiet, 1200),
+# SKIP_BUILD=1 (use target/release/keygate as it is).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOAD="$ROOT/load"
+TOOLS="$LOAD/.tools"
+KEYGATE="$ROOT/target/release/keygate"
+DURATION=${DURATION:-15}
+WARMUP=${WARMUP:-3}
+CONNS=${CONNS:-64}
+THREADS=${THREADS:-2}
+RATE=${RATE:-}
+RATE_PERCENT=${RATE_PERCENT:-50}
+LAT_CONNS=${LAT_CONNS:-32}
+BASE_PORT=${BASE_PORT:-18480}
+QUIET_BUSY=${QUIET_BUSY:-25}
+QUIET_WAIT=${QUIET_WAIT:-1200}
+ROUTE=/v1/databases/6650f0e2a1/collections/orders/documents
+TARGETS=(direct nginx keygate)
+
+log() { printf '[load %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# --- tools -------------------------------------------------------------------------------------
+need_apt() { # binary package
+    command -v "$1" >/dev/null 2>&1 && return
+    log "installing $2 with apt-get"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+    fi
+}
+PATH="$PATH:/usr/sbin"
+need_apt nginx nginx
+need_apt wrk wrk
+need_apt ss iproute2
+need_apt curl curl
+if [[ -x "$TOOLS/bin/oha" ]]; then
+    OHA="$TOOLS/bin/oha"
+elif command -v oha >/dev/null 2>&1; then
+    OHA=$(command -v oha)
+else
+    log "installing oha into $TOOLS (cargo install oha --locked)"
+    cargo install oha --locked --root "$TOOLS" >&2
+    OHA="$TOOLS/bin/oha"
+fi
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+    log "building keygate (release)"
+    (cd "$ROOT" && cargo build --release --bin keygate >&2)
+fi
+[[ -x "$KEYGATE" ]] || die "$KEYGATE is missing"
+
+# --- processes and cleanup --------------------------------------------------------------------
+TMP=$(mktemp -d /tmp/keygate-load.XXXXXX)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        # nginx masters stop their workers on QUIT/TERM; keygate shuts down on TERM.
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- ports ------------------------------------------------------------------------------------
+port_free() { [[ -z "$(ss -Htln "sport = :$1")" ]]; }
+PORTS=()
+p=$BASE_PORT
+while ((${#PORTS[@]} < 4)); do
+    ((p < BASE_PORT + 200)) || die "no 4 free ports in $BASE_PORT-$((BASE_PORT + 199))"
+    if port_free "$p"; then PORTS+=("$p"); fi
+    p=$((p + 1))
+done
+UP_PORT=${PORTS[0]} NGINX_PORT=${PORTS[1]} KG_PORT=${PORTS[2]} KG_OPS=${PORTS[3]}
+log "ports: upstream $UP_PORT, nginx $NGINX_PORT, keygate $KG_PORT (ops $KG_OPS); temp dir $TMP"
+
+wait_http() { # url expected-status
+    for _ in $(seq 300); do
+        [[ "$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)" == "$2" ]] && return 0
+        sleep 0.1
+    done
+    die "$1 did not answer $2"
+}
+
+# --- machine quietness: CPU busy % over 3 s while nothing of ours is under load -----------------
+cpu_busy() {
+    local a b
+    read -r -a a < <(grep '^cpu ' /proc/stat)
+    sleep 3
+    read -r -a b < <(grep '^cpu ' /proc/stat)
+    local total=0 idle i
+    for i in 1 2 3 4 5 6 7 8; do total=$((total + b[i] - a[i])); done
+    idle=$((b[4] - a[4] + b[5] - a[5]))
+    echo $(((total - idle) * 100 / (total > 0 ? total : 1)))
+}
+QUIET_NOTE=()
+wait_quiet() { # label
+    local busy waited=0
+    busy=$(cpu_busy)
+    while ((busy > QUIET_BUSY && waited < QUIET_WAIT)); do
+        log "machine busy (${busy}% CPU used by others, load $(cut -d' ' -f1-3 /proc/loadavg)); waiting"
+        sleep 30
+        waited=$((waited + 33))
+        busy=$(cpu_busy)
+    done
+    if ((busy > QUIET_BUSY)); then
+        QUIET_NOTE+=("$1: NOT quiet (${busy}% busy)")
+    else
+        QUIET_NOTE+=("$1: quiet (${busy}% busy)")
+    fi
+    log "$1: others use ${busy}% CPU (load $(cut -d' ' -f1-3 /proc/loadavg))"
+}
+
+# --- the upstream: nginx, one worker, 200 "ok\n" -----------------------------------------------
+nginx_common() { # dir
+    cat <<EOF
+daemon off;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 8192; }
+EOF
+}
+nginx_http_common() { # dir
+    cat <<EOF
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+    client_body_temp_path $1/body;
+    proxy_temp_path $1/proxy;
+    fastcgi_temp_path $1/fastcgi;
+    uwsgi_temp_path $1/uwsgi;
+    scgi_temp_path $1/scgi;
+EOF
+}
+mkdir -p "$TMP/up" "$TMP/nginx" "$TMP/keygate"
+{
+    echo "worker_processes 1;"
+    nginx_common "$TMP/up"
+    echo "http {"
+    nginx_http_common "$TMP/up"
+    cat <<EOF
+    server {
+        listen 127.0.0.1:$UP_PORT backlog=4096;
+        location / { default_type text/plain; return 200 "ok\n"; }
+    }
+}
+EOF
+} >"$TMP/up/nginx.conf"
+nginx -t -q -p "$TMP/up" -e "$TMP/up/error.log" -c "$TMP/up/nginx.conf"
+nginx -p "$TMP/up" -e "$TMP/up/error.log" -c "$TMP/up/nginx.conf" &
+UP_PID=$!
+PIDS+=("$UP_PID")
+wait_http "http://127.0.0.1:$UP_PORT$ROUTE" 200
+
+# --- keygate: the Appwrite map, one key, forward_key: false ------------------------------------
+cat >"$TMP/keygate/keygate.yaml" <<EOF
+include: ["$ROOT/config/appwrite.yaml"]
+server: { listen: "127.0.0.1:$KG_PORT" }
+ops: { listen: "127.0.0.1:$KG_OPS" }
+store: { url: "sqlite://$TMP/keygate/keys.db" }
+projects:
+  demo: {}
+keys:
+  implicit_scopes: [global, health.read, graphql]
+# Appwrite's guests role may list documents; here, as in the nginx config, only the key may.
+guest_scopes: []
+upstreams:
+  up: { url: "http://127.0.0.1:$UP_PORT", forward_key: false, timeout: 30s }
+routes: []
+EOF
+KEY_JSON=$(KEYGATE_LOG=warn "$KEYGATE" keys create --config "$TMP/keygate/keygate.yaml" \
+    --project demo --name load --scopes documents.read)
+SECRET=$(printf '%s' "$KEY_JSON" | sed -n 's/.*"secret" *: *"\([^"]*\)".*/\1/p')
+[[ "$SECRET" == standard_* ]] || die "no secret in: $KEY_JSON"
+TOKIO_WORKER_THREADS=2 KEYGATE_LOG=warn "$KEYGATE" serve --config "$TMP/keygate/keygate.yaml" \
+    >"$TMP/keygate/keygate.log" 2>&1 &
+KG_PID=$!
+PIDS+=("$KG_PID")
+wait_http "http://127.0.0.1:$KG_OPS/readyz" 200
+
+# --- nginx proxy: same route, same key check, keep-alive pool to the upstream ------------------
+{
+    echo "worker_processes 2;"
+    nginx_common "$TMP/nginx"
+    echo "http {"
+    nginx_http_common "$TMP/nginx"
+    cat <<EOF
+    map_hash_bucket_size 512;
+    map \$http_x_appwrite_key \$key_ok { default 0; "$SECRET" 1; }
+    map \$http_x_appwrite_project \$project_ok { default 0; "demo" 1; }
+    upstream up {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        location ~ ^/v1/databases/[^/]+/collections/[^/]+/documents\$ {
+            if (\$request_method != GET) { return 404; }
+            if (\$key_ok = 0) { return 401; }
+            if (\$project_ok = 0) { return 403; }
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # As keygate with forward_key: false: the key is not sent upstream.
+            proxy_set_header X-Appwrite-Key "";
+            proxy_set_header X-Forwarded-For \$remote_addr;
+        }
+        location / { return 404; }
+    }
+}
+EOF
+} >"$TMP/nginx/nginx.conf"
+nginx -t -q -p "$TMP/nginx" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf"
+nginx -p "$TMP/nginx" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf" &
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
+
+declare -A URL=(
+    [direct]="http://127.0.0.1:$UP_PORT$ROUTE"
+    [nginx]="http://127.0.0.1:$NGINX_PORT$ROUTE"
+    [keygate]="http://127.0.0.1:$KG_PORT$ROUTE"
+)
+declare -A PID=([direct]=$UP_PID [nginx]=$NGINX_PID [keygate]=$KG_PID)
+H_KEY="X-Appwrite-Key: $SECRET"
+H_PROJECT="X-Appwrite-Project: demo"
+
+# --- sanity: both proxies allow the key and refuse what they should ---------------------------
+check() { # label expected url [curl args...]
+    local label=$1 want=$2 url=$3 got
+    shift 3
+    got=$(curl -s -o /dev/null -w '%{http_code}' "$@" "$url" || true)
+    [[ "$got" == "$want" ]] || die "$label: expected $want, got $got"
+}
+wait_http "${URL[nginx]}" 401
+for t in nginx keygate; do
+    [[ "$(curl -s -H "$H_KEY" -H "$H_PROJECT" "${URL[$t]}")" == ok ]] || die "$t did not forward"
+    check "$t without key" 401 "${URL[$t]}"
+    check "$t wrong key" 401 "${URL[$t]}" -H "X-Appwrite-Key: standard_nope" -H "$H_PROJECT"
+    check "$t wrong project" 403 "${URL[$t]}" -H "$H_KEY" -H "X-Appwrite-Project: other"
+    check "$t other route" 404 "${URL[$t]}x" -H "$H_KEY" -H "$H_PROJECT"
+done
+log "sanity checks passed (200 with the key; 401 without/wrong key; 403 wrong project; 404 elsewhere)"
+
+# --- helpers: units and /proc ------------------------------------------------------------------
+to_ms() { # wrk duration like 310.00us, 1.20ms, 2.00s
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
+        printf "%.3f", n }'
+}
+rss_mb() { # pid: VmRSS of the process and its children (nginx workers), MB
+    local total=0 p kb
+    for p in "$1" $(pgrep -P "$1" || true); do
+        kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+        total=$((total + ${kb:-0}))
+    done
+    awk -v k="$total" 'BEGIN { printf "%.1f", k / 1024 }'
+}
+
+cpu_ticks() { # pid: utime + stime of the process and its children (nginx workers), clock ticks
+    local total=0 p
+    for p in "$1" $(pgrep -P "$1" || true); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+# --- throughput: wrk, fixed connections --------------------------------------------------------
+declare -A RPS WRK_P50 WRK_P99 OHA_P50 OHA_P99 OHA_RPS RSS CPU_US
+for t in "${TARGETS[@]}"; do
+    wait_quiet "wrk $t"
+    wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" -H "$H_KEY" -H "$H_PROJECT" "${URL[$t]}" >/dev/null
+    ticks=$(cpu_ticks "${PID[$t]}")
+    out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "$H_KEY" -H "$H_PROJECT" "${URL[$t]}")
+    ticks=$(($(cpu_ticks "${PID[$t]}") - ticks))
+    printf '%s\n' "$out" >"$TMP/wrk-$t.txt"
+    if grep -q 'Non-2xx\|Socket errors' <<<"$out"; then
+        printf '%s\n' "$out" >&2
+        die "wrk $t: errors or non-2xx responses"
+    fi
+    RPS[$t]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
+    WRK_P50[$t]=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+    WRK_P99[$t]=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
+    CPU_US[$t]=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    log "wrk $t: ${RPS[$t]} req/s, p50 ${WRK_P50[$t]} ms, p99 ${WRK_P99[$t]} ms, ${CPU_US[$t]} CPU us/req"
+done
+
+# --- latency: oha at one fixed offered rate ------------------------------------------------------
+if [[ -z "$RATE" ]]; then
+    lower=${RPS[nginx]}
+    if ((RPS[keygate] < lower)); then lower=${RPS[keygate]}; fi
+    RATE=$((lower * RATE_PERCENT / 100))
+fi
+for t in "${TARGETS[@]}"; do
+    wait_quiet "oha $t"
+    "$OHA" --no-tui --output-format json -z "${DURATION}s" -q "$RATE" --latency-correction \
+        -c "$LAT_CONNS" -H "$H_KEY" -H "$H_PROJECT" "${URL[$t]}" >"$TMP/oha-$t.json"
+    read -r ok OHA_RPS[$t] OHA_P50[$t] OHA_P99[$t] < <(python3 - "$TMP/oha-$t.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+codes = d.get("statusCodeDistribution", {})
+# Requests still in flight when -z ends are cut off; that is not a failure.
+errors = {k: v for k, v in d.get("errorDistribution", {}).items() if k != "aborted due to deadline"}
+ok = 1 if set(codes) == {"200"} and not errors else 0
+if not ok:
+    print(f"status codes {codes}, errors {errors}", file=sys.stderr)
+s, p = d["summary"], d["latencyPercentiles"]
+print(ok, round(s["requestsPerSec"]), f'{p["p50"] * 1e3:.3f}', f'{p["p99"] * 1e3:.3f}')
+EOF
+    )
+    [[ "$ok" == 1 ]] || die "oha $t: errors or non-200 responses (see $TMP/oha-$t.json)"
+    RSS[$t]=$(rss_mb "${PID[$t]}")
+    log "oha $t at $RATE req/s: achieved ${OHA_RPS[$t]} req/s, p50 ${OHA_P50[$t]} ms, p99 ${OHA_P99[$t]} ms"
+done
+
+# --- the table ----------------------------------------------------------------------------------
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+echo
+echo "keygate load test — $(date -u +%Y-%m-%dT%H:%MZ)"
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; $(nginx -v 2>&1); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); $("$OHA" --version)"
+echo "route: GET $ROUTE (keygate: full Appwrite map, $("$KEYGATE" --version 2>/dev/null || echo keygate))"
+echo "throughput: wrk -t$THREADS -c$CONNS -d${DURATION}s (after ${WARMUP}s warm-up);" \
+    "latency: oha -q $RATE --latency-correction -c $LAT_CONNS -z ${DURATION}s"
+echo "quiet: $(printf '%s; ' "${QUIET_NOTE[@]}")"
+echo
+ROW='| %-10s | %10s | %11s | %10s | %10s | %10s | %10s | %9s | %7s |\n'
+# shellcheck disable=SC2059
+printf "$ROW" target "wrk req/s" "CPU us/req" "wrk p50 ms" "wrk p99 ms" "oha p50 ms" "oha p99 ms" "oha req/s" "RSS MB"
+# shellcheck disable=SC2059
+printf "$ROW" --- ---: ---: ---: ---: ---: ---: ---: ---:
+for t in "${TARGETS[@]}"; do
+    # shellcheck disable=SC2059
+    printf "$ROW" "$t" "${RPS[$t]}" "${CPU_US[$t]}" "${WRK_P50[$t]}" "${WRK_P99[$t]}" \
+        "${OHA_P50[$t]}" "${OHA_P99[$t]}" "${OHA_RPS[$t]}" "${RSS[$t]}"
+done
+for base in nginx direct; do
+    # shellcheck disable=SC2059
+    printf "$ROW" "kg/$base" \
+        "$(ratio "${RPS[keygate]}" "${RPS[$base]}")" \
+        "$(ratio "${CPU_US[keygate]}" "${CPU_US[$base]}")" \
+        "$(ratio "${WRK_P50[keygate]}" "${WRK_P50[$base]}")" \
+        "$(ratio "${WRK_P99[keygate]}" "${WRK_P99[$base]}")" \
+        "$(ratio "${OHA_P50[keygate]}" "${OHA_P50[$base]}")" \
+        "$(ratio "${OHA_P99[keygate]}" "${OHA_P99[$base]}")" \
+        "$(ratio "${OHA_RPS[keygate]}" "${OHA_RPS[$base]}")" \
+        "$(ratio "${RSS[keygate]}" "${RSS[$base]}")"
+done
+echo
+echo "CPU us/req: CPU time (user + system) of the proxy during the wrk run / requests (direct: the"
+echo "upstream nginx's). RSS: VmRSS after the runs (nginx: master + workers added up; direct: the"
+echo "upstream nginx). wrk, oha, the proxies and the upstream share the machine's CPUs."
