@@ -71,8 +71,9 @@ impl Gateway {
         clock: Clock,
     ) -> Result<Arc<Gateway>, StoreError> {
         let (records, cursor) = store.load_all().await?;
-        let keys = KeyCache::new();
+        let keys = KeyCache::with_capacity(records.len());
         keys.replace_all(&records, &snapshot.scopes);
+        drop(records);
         tracing::info!(keys = keys.len(), "key cache loaded");
         crate::metrics::install();
         metrics::gauge!(crate::metrics::KEY_CACHE_KEYS).set(keys.len() as f64);

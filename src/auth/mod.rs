@@ -56,7 +56,7 @@ impl Principal {
     pub fn expire(&self) -> Option<i64> {
         match self {
             Principal::Guest => None,
-            Principal::Key(key) => key.expire,
+            Principal::Key(key) => key.expire(),
             Principal::Ephemeral(key) => Some(key.exp),
         }
     }
@@ -181,7 +181,7 @@ pub fn decide<'s, 'r>(
 
     let scopes = match &principal {
         Principal::Guest => snapshot.guest_scopes,
-        Principal::Key(key) => key.scopes.union(&snapshot.implicit_scopes),
+        Principal::Key(key) => key.scopes().union(&snapshot.implicit_scopes),
         Principal::Ephemeral(key) => key.scopes.union(&snapshot.implicit_scopes),
     };
     if !route.public && !route.scopes.intersects(&scopes) {
@@ -241,7 +241,7 @@ fn resolve_dev_key(
     if !snapshot.project(&key.project).is_some_and(|p| p.dev_keys) {
         return Err(Rejection::FeatureDisabled("dev keys"));
     }
-    if key.expire.is_none_or(|expire| expire <= now) {
+    if key.expire().is_none_or(|expire| expire <= now) {
         return Err(Rejection::DevKeyExpired);
     }
     Ok(key)
@@ -304,7 +304,7 @@ fn resolve(
     let key = keys
         .lookup(&Digest::of(secret))
         .ok_or(Rejection::UnknownKey)?;
-    if key.kind != KeyKind::Standard || key.secret_valid_until.is_some_and(|until| until <= now) {
+    if key.kind != KeyKind::Standard || key.secret_valid_until().is_some_and(|until| until <= now) {
         return Err(Rejection::UnknownKey);
     }
     Ok(Principal::Key(key))

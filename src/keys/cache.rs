@@ -4,49 +4,61 @@
 //! secret itself is never compared. Entries are `Arc`s so a request can keep its key after the
 //! shard lock is released (no map reference is ever held across an await). A rotated key has two
 //! entries, its new secret and its previous one, until the grace period ends.
+//!
+//! Memory is what bounds the cache (a million keys is a normal size), so what keys share is
+//! stored once: project names and scope grants (the scope list and its compiled set) are
+//! interned, and the id index holds one digest per key.
 
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use dashmap::DashMap;
 
 use super::scopes::{ScopeIndex, ScopeSet};
 use super::{Digest, KeyKind, KeyRateLimit, KeyRecord};
 
+/// "Never", for the expiry fields.
+const NEVER: i64 = i64::MAX;
+
+/// A scope list and its compiled set, shared by every key that holds exactly that list.
+#[derive(Debug)]
+pub struct Grant {
+    pub names: Box<[Box<str>]>,
+    pub scopes: ScopeSet,
+}
+
 /// What the request path needs to know about a key.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CachedKey {
     pub id: Arc<str>,
     pub project: Arc<str>,
     pub kind: KeyKind,
-    pub scopes: ScopeSet,
-    pub scope_names: Arc<[Box<str>]>,
-    /// The key's expiry in Unix seconds; `None` never expires.
-    pub expire: Option<i64>,
-    /// Set on the entry of a rotated-out secret: it is refused from this moment (Unix seconds).
-    pub secret_valid_until: Option<i64>,
+    pub grant: Arc<Grant>,
     /// The key's own abuse limit, on every route.
     pub rate_limit: Option<KeyRateLimit>,
-    /// Usage not yet written, shared by all entries of one key.
-    pub usage: Arc<UsageState>,
-}
-
-/// Per-key usage bookkeeping, so the request path can tell in a few instructions whether there
-/// is anything new to write behind it.
-#[derive(Debug, Default)]
-pub struct UsageState {
+    expire: i64,
+    secret_valid_until: i64,
     /// When `accessedAt` was last written (or read from the store), Unix seconds.
-    pub last_access_written: AtomicI64,
-    pub sdks: RwLock<Vec<Box<str>>>,
+    last_access_written: AtomicI64,
+    /// On the entry of the current secret: the digest of the previous secret, if it has one.
+    previous: Option<Digest>,
 }
 
-impl UsageState {
-    fn from_record(record: &KeyRecord) -> UsageState {
-        UsageState {
-            last_access_written: AtomicI64::new(record.accessed_at.map_or(0, |a| a.timestamp())),
-            sdks: RwLock::new(record.sdks.iter().map(|s| s.as_str().into()).collect()),
-        }
+impl CachedKey {
+    /// The scopes granted to the key (implicit scopes not included).
+    pub fn scopes(&self) -> &ScopeSet {
+        &self.grant.scopes
+    }
+
+    /// The key's expiry, Unix seconds; `None` never expires.
+    pub fn expire(&self) -> Option<i64> {
+        (self.expire != NEVER).then_some(self.expire)
+    }
+
+    /// Set on the entry of a rotated-out secret: it is refused from this moment (Unix seconds).
+    pub fn secret_valid_until(&self) -> Option<i64> {
+        (self.secret_valid_until != NEVER).then_some(self.secret_valid_until)
     }
 
     /// Claims the right to write `accessedAt` now, if `interval` seconds have passed since the
@@ -60,22 +72,17 @@ impl UsageState {
                 .is_ok()
     }
 
-    /// Records an SDK name; true when it is new for this key.
-    pub fn claim_sdk(&self, sdk: &str) -> bool {
-        if self
-            .sdks
-            .read()
-            .map(|known| known.iter().any(|s| &**s == sdk))
-            .unwrap_or(true)
-        {
-            return false;
-        }
-        match self.sdks.write() {
-            Ok(mut known) if !known.iter().any(|s| &**s == sdk) => {
-                known.push(sdk.into());
-                true
-            }
-            _ => false,
+    fn with_grant(&self, grant: Arc<Grant>) -> CachedKey {
+        CachedKey {
+            id: self.id.clone(),
+            project: self.project.clone(),
+            kind: self.kind,
+            grant,
+            rate_limit: self.rate_limit,
+            expire: self.expire,
+            secret_valid_until: self.secret_valid_until,
+            last_access_written: AtomicI64::new(self.last_access_written.load(Ordering::Relaxed)),
+            previous: self.previous,
         }
     }
 }
@@ -105,23 +112,32 @@ impl Hasher for DigestHasher {
 }
 
 type DigestMap<V> = DashMap<Digest, V, BuildHasherDefault<DigestHasher>>;
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct KeyRef {
-    project: Box<str>,
-    id: Box<str>,
-}
+type KeyRef = (Arc<str>, Arc<str>);
 
 /// Every live key, by digest, plus the reverse index used to apply changes by key id.
 #[derive(Default)]
 pub struct KeyCache {
     by_digest: DigestMap<Arc<CachedKey>>,
-    by_id: DashMap<KeyRef, Vec<Digest>>,
+    /// (project, id) → the digest of the key's current secret.
+    by_id: DashMap<KeyRef, Digest>,
+    projects: DashMap<Box<str>, Arc<str>>,
+    grants: DashMap<Box<str>, Arc<Grant>>,
+    /// SDK names seen per key (only keys that have any).
+    sdks: DashMap<KeyRef, Vec<Box<str>>>,
 }
 
 impl KeyCache {
     pub fn new() -> KeyCache {
         KeyCache::default()
+    }
+
+    /// A cache sized for `keys` keys up front (start-up with a large store).
+    pub fn with_capacity(keys: usize) -> KeyCache {
+        KeyCache {
+            by_digest: DashMap::with_capacity_and_hasher(keys, Default::default()),
+            by_id: DashMap::with_capacity(keys),
+            ..KeyCache::default()
+        }
     }
 
     /// The key whose secret has this digest.
@@ -132,93 +148,171 @@ impl KeyCache {
             .map(|entry| entry.value().clone())
     }
 
+    fn project(&self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.projects.get(name) {
+            return shared.clone();
+        }
+        self.projects
+            .entry(name.into())
+            .or_insert_with(|| name.into())
+            .clone()
+    }
+
+    fn grant(&self, names: &[String], index: &ScopeIndex) -> Arc<Grant> {
+        let key = names.join("\n");
+        if let Some(shared) = self.grants.get(key.as_str()) {
+            return shared.clone();
+        }
+        self.grants
+            .entry(key.into_boxed_str())
+            .or_insert_with(|| {
+                Arc::new(Grant {
+                    names: names.iter().map(|s| s.as_str().into()).collect(),
+                    scopes: index.compile_known(names.iter().map(String::as_str)),
+                })
+            })
+            .clone()
+    }
+
     /// Inserts or replaces a key. The new digests are live before old ones are removed, so a
     /// concurrent request never sees the key missing.
     pub fn upsert(&self, record: &KeyRecord, index: &ScopeIndex) {
-        let key = KeyRef {
-            project: record.project.as_str().into(),
-            id: record.id.as_str().into(),
-        };
-        let usage = self
-            .by_id
-            .get(&key)
-            .and_then(|digests| digests.first().and_then(|d| self.lookup(d)))
-            .map(|existing| existing.usage.clone())
-            .unwrap_or_else(|| Arc::new(UsageState::from_record(record)));
-        let current = CachedKey {
-            id: record.id.as_str().into(),
-            project: record.project.as_str().into(),
-            kind: record.kind,
-            scopes: index.compile_known(record.scopes.iter().map(String::as_str)),
-            scope_names: record.scopes.iter().map(|s| s.as_str().into()).collect(),
-            expire: record.expire.map(|e| e.timestamp()),
-            secret_valid_until: None,
-            rate_limit: record.rate_limit,
-            usage,
-        };
-        let mut digests = vec![record.digest];
-        if let Some(previous) = &record.previous {
-            let entry = CachedKey {
-                id: current.id.clone(),
-                project: current.project.clone(),
-                scope_names: current.scope_names.clone(),
-                usage: current.usage.clone(),
-                secret_valid_until: Some(previous.until.timestamp()),
-                ..current
-            };
-            self.by_digest.insert(previous.digest, Arc::new(entry));
-            digests.push(previous.digest);
+        let project = self.project(&record.project);
+        let key: KeyRef = (project.clone(), record.id.as_str().into());
+        let old_digest = self.by_id.get(&key).map(|d| *d);
+        let old = old_digest.and_then(|d| self.lookup(&d));
+        let last_access = old
+            .as_ref()
+            .map(|k| k.last_access_written.load(Ordering::Relaxed))
+            .unwrap_or_else(|| record.accessed_at.map_or(0, |a| a.timestamp()));
+        if !record.sdks.is_empty() && !self.sdks.contains_key(&key) {
+            self.sdks.insert(
+                key.clone(),
+                record.sdks.iter().map(|s| s.as_str().into()).collect(),
+            );
         }
-        self.by_digest.insert(record.digest, Arc::new(current));
-        let replaced = self.by_id.insert(key, digests.clone());
-        for old in replaced.unwrap_or_default() {
-            if !digests.contains(&old) {
-                self.by_digest.remove(&old);
+        let current = CachedKey {
+            id: key.1.clone(),
+            project,
+            kind: record.kind,
+            grant: self.grant(&record.scopes, index),
+            rate_limit: record.rate_limit,
+            expire: record.expire.map_or(NEVER, |e| e.timestamp()),
+            secret_valid_until: NEVER,
+            last_access_written: AtomicI64::new(last_access),
+            previous: record.previous.map(|p| p.digest),
+        };
+        if let Some(previous) = &record.previous {
+            let mut entry = current.with_grant(current.grant.clone());
+            entry.secret_valid_until = previous.until.timestamp();
+            entry.previous = None;
+            self.by_digest.insert(previous.digest, Arc::new(entry));
+        }
+        let replaced = self.by_digest.insert(record.digest, Arc::new(current));
+        self.by_id.insert(key, record.digest);
+
+        // Secrets of the old version that the new one no longer has.
+        let keep =
+            |d: &Digest| *d == record.digest || record.previous.is_some_and(|p| p.digest == *d);
+        let stale = [
+            old_digest,
+            old.as_ref().and_then(|k| k.previous),
+            replaced.as_ref().and_then(|k| k.previous),
+        ];
+        for digest in stale.into_iter().flatten() {
+            if !keep(&digest) {
+                self.by_digest.remove(&digest);
             }
         }
     }
 
     /// Removes a key; a no-op when it is not cached.
     pub fn remove(&self, project: &str, id: &str) {
-        let key = KeyRef {
-            project: project.into(),
-            id: id.into(),
-        };
-        if let Some((_, digests)) = self.by_id.remove(&key) {
-            for digest in digests {
-                self.by_digest.remove(&digest);
+        let key: KeyRef = (project.into(), id.into());
+        self.sdks.remove(&key);
+        if let Some((_, digest)) = self.by_id.remove(&key) {
+            if let Some((_, entry)) = self.by_digest.remove(&digest) {
+                if let Some(previous) = entry.previous {
+                    self.by_digest.remove(&previous);
+                }
             }
         }
     }
 
     /// Replaces the whole content (start-up and resync).
     pub fn replace_all(&self, records: &[KeyRecord], index: &ScopeIndex) {
+        let was_empty = self.by_id.is_empty();
         for record in records {
             self.upsert(record, index);
         }
-        let live: std::collections::HashSet<(&str, &str)> = records
+        if !was_empty {
+            let live: std::collections::HashSet<(&str, &str)> = records
+                .iter()
+                .map(|r| (r.project.as_str(), r.id.as_str()))
+                .collect();
+            let stale: Vec<KeyRef> = self
+                .by_id
+                .iter()
+                .filter(|e| !live.contains(&(&*e.key().0, &*e.key().1)))
+                .map(|e| e.key().clone())
+                .collect();
+            for (project, id) in stale {
+                self.remove(&project, &id);
+            }
+        }
+        self.prune();
+    }
+
+    /// Compiles every grant's scope set again, after a config reload brought scope names that
+    /// keys may hold but could not be compiled before.
+    pub fn recompile(&self, index: &ScopeIndex) {
+        let fresh: std::collections::HashMap<*const Grant, Arc<Grant>> = self
+            .grants
             .iter()
-            .map(|r| (r.project.as_str(), r.id.as_str()))
+            .map(|entry| {
+                let old = entry.value();
+                let names: Vec<&str> = old.names.iter().map(|n| &**n).collect();
+                let new = Arc::new(Grant {
+                    names: old.names.clone(),
+                    scopes: index.compile_known(names),
+                });
+                (Arc::as_ptr(old), new)
+            })
             .collect();
-        let stale: Vec<KeyRef> = self
-            .by_id
-            .iter()
-            .filter(|e| !live.contains(&(&*e.key().project, &*e.key().id)))
-            .map(|e| e.key().clone())
-            .collect();
-        for key in stale {
-            self.remove(&key.project, &key.id);
+        for mut entry in self.by_digest.iter_mut() {
+            if let Some(grant) = fresh.get(&Arc::as_ptr(&entry.value().grant)) {
+                let updated = entry.value().with_grant(grant.clone());
+                *entry.value_mut() = Arc::new(updated);
+            }
+        }
+        for mut entry in self.grants.iter_mut() {
+            if let Some(grant) = fresh.get(&Arc::as_ptr(entry.value())) {
+                *entry.value_mut() = grant.clone();
+            }
         }
     }
 
-    /// Compiles every key's scope set again, after a config reload brought scope names that
-    /// keys may hold but could not be compiled before.
-    pub fn recompile(&self, index: &ScopeIndex) {
-        for mut entry in self.by_digest.iter_mut() {
-            let mut key = CachedKey::clone(entry.value());
-            key.scopes = index.compile_known(key.scope_names.iter().map(|s| &**s));
-            *entry.value_mut() = Arc::new(key);
+    /// Forgets grants no key holds any more.
+    fn prune(&self) {
+        self.grants.retain(|_, grant| Arc::strong_count(grant) > 1);
+    }
+
+    /// Records an SDK name for a key; true when it is new for the key.
+    pub fn claim_sdk(&self, key: &CachedKey, sdk: &str) -> bool {
+        let id: KeyRef = (key.project.clone(), key.id.clone());
+        if self
+            .sdks
+            .get(&id)
+            .is_some_and(|known| known.iter().any(|s| &**s == sdk))
+        {
+            return false;
         }
+        let mut known = self.sdks.entry(id).or_default();
+        if known.iter().any(|s| &**s == sdk) {
+            return false;
+        }
+        known.push(sdk.into());
+        true
     }
 
     /// Number of cached keys.
@@ -266,7 +360,8 @@ mod tests {
         cache.upsert(&record("k", &first), &index);
         let key = cache.lookup(&first.digest()).unwrap();
         assert_eq!(&*key.id, "k");
-        assert_eq!(key.scopes, index.compile(["a"]).unwrap());
+        assert_eq!(*key.scopes(), index.compile(["a"]).unwrap());
+        assert_eq!(key.expire(), None);
 
         cache.upsert(&record("k", &second), &index);
         assert!(cache.lookup(&first.digest()).is_none());
@@ -279,10 +374,25 @@ mod tests {
     }
 
     #[test]
+    fn keys_share_projects_and_grants() {
+        let index = ScopeIndex::default();
+        let cache = KeyCache::new();
+        let (a, b) = (Secret::generate(), Secret::generate());
+        cache.upsert(&record("a", &a), &index);
+        cache.upsert(&record("b", &b), &index);
+        let (ka, kb) = (
+            cache.lookup(&a.digest()).unwrap(),
+            cache.lookup(&b.digest()).unwrap(),
+        );
+        assert!(Arc::ptr_eq(&ka.grant, &kb.grant));
+        assert!(Arc::ptr_eq(&ka.project, &kb.project));
+    }
+
+    #[test]
     fn rotated_keys_keep_their_previous_secret_with_a_deadline() {
         let index = ScopeIndex::default();
         let cache = KeyCache::new();
-        let (old, new) = (Secret::generate(), Secret::generate());
+        let (old, new, newest) = (Secret::generate(), Secret::generate(), Secret::generate());
         let until = Utc::now();
         let mut rotated = record("k", &new);
         rotated.previous = Some(PreviousSecret {
@@ -291,29 +401,59 @@ mod tests {
         });
         cache.upsert(&rotated, &index);
         assert_eq!(
-            cache.lookup(&new.digest()).unwrap().secret_valid_until,
+            cache.lookup(&new.digest()).unwrap().secret_valid_until(),
             None
         );
         let previous = cache.lookup(&old.digest()).unwrap();
-        assert_eq!(previous.secret_valid_until, Some(until.timestamp()));
-        assert!(Arc::ptr_eq(
-            &previous.usage,
-            &cache.lookup(&new.digest()).unwrap().usage
-        ));
-        // Rotating again without grace drops the old secret.
-        cache.upsert(&record("k", &new), &index);
+        assert_eq!(previous.secret_valid_until(), Some(until.timestamp()));
+        // An update of the same secret keeps the previous one.
+        cache.upsert(&rotated, &index);
+        assert!(cache.lookup(&old.digest()).is_some());
+        // Rotating again without grace drops both older secrets.
+        cache.upsert(&record("k", &newest), &index);
         assert!(cache.lookup(&old.digest()).is_none());
+        assert!(cache.lookup(&new.digest()).is_none());
+        assert!(cache.lookup(&newest.digest()).is_some());
+        // Removing a rotated key removes its previous secret too.
+        cache.upsert(&rotated, &index);
+        cache.remove("p", "k");
+        assert!(cache.lookup(&old.digest()).is_none() && cache.lookup(&new.digest()).is_none());
     }
 
     #[test]
     fn usage_claims_once_per_interval_and_sdk() {
-        let state = UsageState::default();
-        assert!(state.claim_access(100, 60));
-        assert!(!state.claim_access(120, 60));
-        assert!(state.claim_access(160, 60));
-        assert!(state.claim_sdk("python"));
-        assert!(!state.claim_sdk("python"));
-        assert!(state.claim_sdk("node"));
+        let index = ScopeIndex::default();
+        let cache = KeyCache::new();
+        let secret = Secret::generate();
+        cache.upsert(&record("k", &secret), &index);
+        let key = cache.lookup(&secret.digest()).unwrap();
+        assert!(key.claim_access(100, 60));
+        assert!(!key.claim_access(120, 60));
+        assert!(key.claim_access(160, 60));
+        assert!(cache.claim_sdk(&key, "python"));
+        assert!(!cache.claim_sdk(&key, "python"));
+        assert!(cache.claim_sdk(&key, "node"));
+        // An update keeps what was claimed.
+        cache.upsert(&record("k", &secret), &index);
+        let key = cache.lookup(&secret.digest()).unwrap();
+        assert!(!key.claim_access(170, 60));
+        assert!(!cache.claim_sdk(&key, "node"));
+    }
+
+    #[test]
+    fn recompile_after_the_index_grew() {
+        let index = ScopeIndex::default();
+        let cache = KeyCache::new();
+        let secret = Secret::generate();
+        cache.upsert(&record("k", &secret), &index);
+        assert!(cache.lookup(&secret.digest()).unwrap().scopes().is_empty());
+        let mut grown = ScopeIndex::succeeding(&index);
+        grown.register("gone");
+        cache.recompile(&grown);
+        assert_eq!(
+            *cache.lookup(&secret.digest()).unwrap().scopes(),
+            grown.compile(["gone"]).unwrap()
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{TimeZone, Utc};
 use tokio::sync::mpsc;
 
-use super::cache::CachedKey;
+use super::cache::{CachedKey, KeyCache};
 use super::store::{KeyStore, Usage};
 
 const QUEUE: usize = 4096;
@@ -33,14 +33,21 @@ impl UsageRecorder {
     }
 
     /// Notes a request made with `key`. Never waits.
-    pub fn observe(&self, key: &CachedKey, sdk: Option<&[u8]>, now: i64, interval: Duration) {
+    pub fn observe(
+        &self,
+        cache: &KeyCache,
+        key: &CachedKey,
+        sdk: Option<&[u8]>,
+        now: i64,
+        interval: Duration,
+    ) {
         let interval = i64::try_from(interval.as_secs()).unwrap_or(i64::MAX);
-        let accessed = key.usage.claim_access(now, interval);
+        let accessed = key.claim_access(now, interval);
         let sdk = sdk
             .and_then(|s| std::str::from_utf8(s).ok())
             .map(str::trim)
             .filter(|s| !s.is_empty() && s.len() <= 128)
-            .filter(|s| key.usage.claim_sdk(s));
+            .filter(|s| cache.claim_sdk(key, s));
         if !accessed && sdk.is_none() {
             return;
         }

@@ -148,6 +148,7 @@ async fn process(
     };
     if let Principal::Key(key) = &decision.principal {
         gateway.usage().observe(
+            gateway.keys(),
             key,
             parts.headers.get(SDK_NAME).map(HeaderValue::as_bytes),
             now,
