@@ -102,21 +102,7 @@ pub async fn handle(
         Endpoint::CreateKey => {
             let body: CreateBody = read_json(body).await?;
             let id = input::key_id(body.key_id.as_deref()).map_err(invalid)?;
-            let input = KeyInput {
-                name: body.name,
-                description: body.description.unwrap_or_default(),
-                scopes: body.scopes,
-                expire: parse_expire(body.expire.as_deref())?,
-            }
-            .validate(snapshot)
-            .map_err(invalid)?;
-            let rate_limit = check_rate_limit(body.rate_limit)?;
-            ceiling.check_grant(
-                &snapshot.scopes,
-                &input.scopes,
-                input.expire.map(|e| e.timestamp()),
-            )?;
-            ceiling.check_rate(rate_limit)?;
+            let (input, rate_limit) = granted_fields(snapshot, &ceiling, body.fields, false)?;
             let secret = Secret::generate();
             let record = store
                 .create(
@@ -166,25 +152,11 @@ pub async fn handle(
             json(StatusCode::CREATED, &record.to_dev_model(Some(&secret)))
         }
         Endpoint::UpdateKey => {
-            let body: UpdateBody = read_json(body).await?;
+            let body: KeyFields = read_json(body).await?;
             let target =
                 existing(gateway, project, KeyKind::Standard, call.key_id.as_deref()).await?;
             ceiling.check_target(&snapshot.scopes, &target)?;
-            let input = KeyInput {
-                name: body.name,
-                description: body.description.unwrap_or_default(),
-                scopes: body.scopes,
-                expire: parse_expire(body.expire.as_deref())?,
-            }
-            .validate(snapshot)
-            .map_err(invalid)?;
-            let rate_limit = check_rate_limit(body.rate_limit)?;
-            ceiling.check_grant(
-                &snapshot.scopes,
-                &input.scopes,
-                input.expire.map(|e| e.timestamp()),
-            )?;
-            ceiling.check_rate(rate_limit)?;
+            let (input, rate_limit) = granted_fields(snapshot, &ceiling, body, true)?;
             let record = store
                 .update(
                     project,
@@ -387,16 +359,16 @@ struct DevKeyBody {
     expire: Option<String>,
 }
 
+/// The editable fields of an API key, as create and update (a full replace) take them.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct CreateBody {
-    #[serde(default)]
-    key_id: Option<String>,
+struct KeyFields {
     name: String,
     #[serde(default)]
     description: Option<String>,
+    /// Optional on create (no scopes), required on update (Appwrite's PUT).
     #[serde(default)]
-    scopes: Vec<String>,
+    scopes: Option<Vec<String>>,
     #[serde(default)]
     expire: Option<String>,
     #[serde(default)]
@@ -405,15 +377,41 @@ struct CreateBody {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct UpdateBody {
-    name: String,
+struct CreateBody {
     #[serde(default)]
-    description: Option<String>,
-    scopes: Vec<String>,
-    #[serde(default)]
-    expire: Option<String>,
-    #[serde(default)]
-    rate_limit: Option<KeyRateLimit>,
+    key_id: Option<String>,
+    #[serde(flatten)]
+    fields: KeyFields,
+}
+
+/// Validates an API key's fields and holds them to the caller's ceiling.
+fn granted_fields(
+    snapshot: &Snapshot,
+    ceiling: &Ceiling,
+    fields: KeyFields,
+    scopes_required: bool,
+) -> Result<(KeyInput, Option<KeyRateLimit>), Rejection> {
+    let scopes = match fields.scopes {
+        Some(scopes) => scopes,
+        None if scopes_required => return Err(invalid("request body: missing field `scopes`")),
+        None => Vec::new(),
+    };
+    let input = KeyInput {
+        name: fields.name,
+        description: fields.description.unwrap_or_default(),
+        scopes,
+        expire: parse_expire(fields.expire.as_deref())?,
+    }
+    .validate(snapshot)
+    .map_err(invalid)?;
+    let rate_limit = check_rate_limit(fields.rate_limit)?;
+    ceiling.check_grant(
+        &snapshot.scopes,
+        &input.scopes,
+        input.expire.map(|e| e.timestamp()),
+    )?;
+    ceiling.check_rate(rate_limit)?;
+    Ok((input, rate_limit))
 }
 
 #[derive(Deserialize, Default)]
