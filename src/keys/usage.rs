@@ -99,12 +99,8 @@ fn merge(pending: &mut HashMap<(String, String), Usage>, usage: Usage) {
         }
         std::collections::hash_map::Entry::Occupied(mut slot) => {
             let existing = slot.get_mut();
-            existing.accessed_at = existing.accessed_at.max(usage.accessed_at);
-            for sdk in usage.sdks {
-                if !existing.sdks.contains(&sdk) {
-                    existing.sdks.push(sdk);
-                }
-            }
+            (existing.accessed_at, existing.sdks) =
+                usage.merged_over(existing.accessed_at, &existing.sdks);
         }
     }
 }

@@ -70,6 +70,24 @@ pub struct Usage {
     pub sdks: Vec<String>,
 }
 
+impl Usage {
+    /// This usage over what a key already records: the latest `accessedAt` and the union of SDK
+    /// names (known ones first). Idempotent, so a batch may be written twice.
+    pub fn merged_over(
+        &self,
+        accessed_at: Option<DateTime<Utc>>,
+        sdks: &[String],
+    ) -> (Option<DateTime<Utc>>, Vec<String>) {
+        let mut merged = sdks.to_vec();
+        for sdk in &self.sdks {
+            if !merged.contains(sdk) {
+                merged.push(sdk.clone());
+            }
+        }
+        (accessed_at.max(self.accessed_at), merged)
+    }
+}
+
 /// Who made a change: `cli`, a key id, or `ephemeral`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Actor<'a>(pub &'a str);

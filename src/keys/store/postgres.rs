@@ -1001,16 +1001,7 @@ async fn op_usage(c: &mut Client, mut usage: Vec<Usage>) -> Result<(), Fail> {
         let Some(current) = select_one(&tx, &entry.project, &entry.id, true, lost).await? else {
             continue;
         };
-        let accessed = match (current.accessed_at, entry.accessed_at) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        let mut sdks = current.sdks.clone();
-        for sdk in &entry.sdks {
-            if !sdks.contains(sdk) {
-                sdks.push(sdk.clone());
-            }
-        }
+        let (accessed, sdks) = entry.merged_over(current.accessed_at, &current.sdks);
         tx.execute(
             "UPDATE keys SET accessed_at = $3, sdks = $4::text::jsonb WHERE project = $1 AND id = $2",
             &[

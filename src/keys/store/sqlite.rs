@@ -410,16 +410,7 @@ impl KeyStore for SqliteStore {
                 let Some(current) = select_one(tx, &entry.project, &entry.id)? else {
                     continue;
                 };
-                let accessed = match (current.accessed_at, entry.accessed_at) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    (a, b) => a.or(b),
-                };
-                let mut sdks = current.sdks.clone();
-                for sdk in &entry.sdks {
-                    if !sdks.contains(sdk) {
-                        sdks.push(sdk.clone());
-                    }
-                }
+                let (accessed, sdks) = entry.merged_over(current.accessed_at, &current.sdks);
                 tx.execute(
                     "UPDATE keys SET accessed_at = ?3, sdks = ?4 WHERE project = ?1 AND id = ?2",
                     params![
