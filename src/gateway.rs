@@ -70,10 +70,12 @@ impl Gateway {
         store: Arc<dyn KeyStore>,
         clock: Clock,
     ) -> Result<Arc<Gateway>, StoreError> {
-        let (records, cursor) = store.load_all().await?;
-        let keys = KeyCache::with_capacity(records.len());
-        keys.replace_all(&records, &snapshot.scopes);
-        drop(records);
+        // Streamed: each key goes into the cache as it is read, never all of them into a list.
+        let keys = KeyCache::new();
+        let scopes = &snapshot.scopes;
+        let cursor = store
+            .load_each(&mut |record| keys.upsert(&record, scopes))
+            .await?;
         tracing::info!(keys = keys.len(), "key cache loaded");
         crate::metrics::install();
         metrics::gauge!(crate::metrics::KEY_CACHE_KEYS).set(keys.len() as f64);
@@ -202,14 +204,26 @@ impl Gateway {
     }
 
     /// Reloads every key from the store and replaces the cache's content: catches any change a
-    /// feed may have missed (a notification lost while a connection was down).
+    /// feed may have missed (a notification lost while a connection was down). Keys are upserted
+    /// as they stream in (unchanged ones are only marked as seen), then the keys the store no
+    /// longer has are removed. Returns how many keys the store had.
     pub async fn resync(&self) -> Result<usize, StoreError> {
         let mut cursor = self.cursor.lock().await;
-        let (records, next) = self.store.load_all().await?;
-        self.keys.replace_all(&records, &self.snapshot().scopes);
+        let snapshot = self.snapshot();
+        let pass = self.keys.begin_resync();
+        let mut loaded = 0;
+        let next = self
+            .store
+            .load_each(&mut |record| {
+                self.keys.upsert(&record, &snapshot.scopes);
+                loaded += 1;
+            })
+            .await?;
+        let removed = pass.finish();
         *cursor = next;
         metrics::gauge!(crate::metrics::KEY_CACHE_KEYS).set(self.keys.len() as f64);
-        Ok(records.len())
+        tracing::debug!(loaded, removed, "key cache resync applied");
+        Ok(loaded)
     }
 
     /// Polls the change feed until the returned task is aborted. A failing store is logged and

@@ -121,6 +121,9 @@ pub struct Change {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Cursor(pub i64);
 
+/// What a streaming load hands each key to.
+pub type KeySink<'a> = dyn FnMut(KeyRecord) + Send + 'a;
+
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
     async fn create(&self, key: NewKey, actor: Actor<'_>) -> Result<KeyRecord, StoreError>;
@@ -147,8 +150,17 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn record_usage(&self, usage: &[Usage]) -> Result<(), StoreError>;
     /// The audit log, oldest first, optionally for one key id.
     async fn audit(&self, key_id: Option<&str>) -> Result<Vec<AuditEvent>, StoreError>;
-    /// Every key, and the feed position they reflect.
-    async fn load_all(&self) -> Result<(Vec<KeyRecord>, Cursor), StoreError>;
+    /// Every key, handed to `sink` one at a time as it is read (never all in memory at once),
+    /// and the feed position they reflect: every change after the returned cursor may be missing
+    /// from what was loaded, none before it. On an error `sink` may have seen part of the keys.
+    async fn load_each(&self, sink: &mut KeySink<'_>) -> Result<Cursor, StoreError>;
+    /// Every key in one list, and the feed position they reflect ([`KeyStore::load_each`]
+    /// collected; for callers that need them all at once, such as a migration).
+    async fn load_all(&self) -> Result<(Vec<KeyRecord>, Cursor), StoreError> {
+        let mut records = Vec::new();
+        let cursor = self.load_each(&mut |record| records.push(record)).await?;
+        Ok((records, cursor))
+    }
     /// Changes after `cursor`, oldest first, and the position after the last one.
     async fn changes_since(&self, cursor: Cursor) -> Result<(Vec<Change>, Cursor), StoreError>;
     /// Cheap liveness check.

@@ -60,7 +60,7 @@ use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, NoTls, Row};
 
 use super::{
     audit_identity, audit_missing, audit_time, diff, summary, Actor, AuditEvent, Change, Cursor,
-    KeyStore, KeyUpdate, NewKey, Rotation, StoreError, Usage,
+    KeySink, KeyStore, KeyUpdate, NewKey, Rotation, StoreError, Usage,
 };
 use crate::keys::{format_date, Digest, KeyKind, KeyRateLimit, KeyRecord, PreviousSecret};
 
@@ -88,6 +88,8 @@ const FEED_CAPACITY: usize = 100_000;
 const FEED_BATCH: usize = 10_000;
 /// How long a key read ahead by `changes_since` may be served to `get`.
 const READ_AHEAD_FOR: Duration = Duration::from_secs(1);
+/// Keys read per query by `load_each`.
+const LOAD_PAGE: usize = 5_000;
 /// Audit events appended per transaction by `import_audit`.
 const IMPORT_BATCH: usize = 1_000;
 
@@ -1253,24 +1255,54 @@ impl KeyStore for PostgresStore {
         .await
     }
 
-    async fn load_all(&self) -> Result<(Vec<KeyRecord>, Cursor), StoreError> {
-        // The position is taken first: a change that lands while the keys are read is applied
-        // again later, never skipped.
+    /// Reads the keys in pages of [`LOAD_PAGE`] in primary-key order, each page its own query
+    /// (retried and bounded like any read), so no statement outlives [`CALL_TIMEOUT`] whatever
+    /// the number of keys. The pages are not one snapshot; the cursor, taken first, covers that:
+    /// a key written while the pages are read is reported by the feed after it.
+    async fn load_each(&self, sink: &mut KeySink<'_>) -> Result<Cursor, StoreError> {
         let cursor = Cursor(self.feed.head());
-        let records = self
-            .run(|c| {
-                Box::pin(async move {
-                    let rows = c
-                        .query(&format!("SELECT {COLUMNS} FROM keys"), &[])
-                        .await
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let page = self
+                .run(|c| {
+                    let after = after.clone();
+                    Box::pin(async move {
+                        let limit = LOAD_PAGE as i64;
+                        let rows = match &after {
+                            None => {
+                                c.query(
+                                    &format!(
+                                        "SELECT {COLUMNS} FROM keys ORDER BY project, id LIMIT $1"
+                                    ),
+                                    &[&limit],
+                                )
+                                .await
+                            }
+                            Some((project, id)) => {
+                                c.query(
+                                    &format!(
+                                        "SELECT {COLUMNS} FROM keys WHERE (project, id) > ($1, $2)
+                                         ORDER BY project, id LIMIT $3"
+                                    ),
+                                    &[project, id, &limit],
+                                )
+                                .await
+                            }
+                        }
                         .map_err(lost)?;
-                    rows.iter()
-                        .map(|r| read_record(r).map_err(Fail::from))
-                        .collect::<Result<Vec<_>, _>>()
+                        rows.iter()
+                            .map(|r| read_record(r).map_err(Fail::from))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
                 })
-            })
-            .await?;
-        Ok((records, cursor))
+                .await?;
+            let last_page = page.len() < LOAD_PAGE;
+            after = page.last().map(|r| (r.project.clone(), r.id.clone()));
+            page.into_iter().for_each(&mut *sink);
+            if last_page {
+                return Ok(cursor);
+            }
+        }
     }
 
     async fn changes_since(&self, cursor: Cursor) -> Result<(Vec<Change>, Cursor), StoreError> {

@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transactio
 
 use super::{
     audit_identity, audit_missing, audit_time, diff, summary, Actor, AuditEvent, Change, Cursor,
-    KeyStore, KeyUpdate, NewKey, Rotation, StoreError, Usage,
+    KeySink, KeyStore, KeyUpdate, NewKey, Rotation, StoreError, Usage,
 };
 use crate::keys::{format_date, Digest, KeyKind, KeyRateLimit, KeyRecord, PreviousSecret};
 
@@ -53,6 +53,9 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_key ON audit (key_id);
 ";
+/// Records per batch of a streaming load, and batches read ahead of the sink.
+const LOAD_BATCH: usize = 1024;
+const LOAD_BATCHES_IN_FLIGHT: usize = 4;
 const COLUMNS: &str = "project, id, kind, name, description, scopes, expire, created_at, \
                        updated_at, accessed_at, sdks, digest, previous_digest, previous_until, \
                        rate_limit, rate_window";
@@ -146,6 +149,11 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 
 fn unavailable(err: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(err.to_string())
+}
+
+/// The receiving side of a streaming load went away (its caller was cancelled).
+fn abandoned() -> StoreError {
+    StoreError::Unavailable("the load was abandoned".into())
 }
 
 fn millis(date: &DateTime<Utc>) -> i64 {
@@ -450,26 +458,46 @@ impl KeyStore for SqliteStore {
         .await
     }
 
-    async fn load_all(&self) -> Result<(Vec<KeyRecord>, Cursor), StoreError> {
-        self.with(|conn| {
-            // One read transaction, so the keys and the cursor describe the same moment.
+    /// The rows are read on the blocking pool, in one read transaction (so the keys and the
+    /// cursor describe the same moment), and cross to the caller's task in batches of
+    /// [`LOAD_BATCH`] through a channel of [`LOAD_BATCHES_IN_FLIGHT`]: the reader and the sink
+    /// run at the same time, and at most a few thousand records exist at once.
+    async fn load_each(&self, sink: &mut KeySink<'_>) -> Result<Cursor, StoreError> {
+        let (batches, mut received) = tokio::sync::mpsc::channel(LOAD_BATCHES_IN_FLIGHT);
+        let read = self.with(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
             let cursor: i64 = tx
                 .query_row("SELECT COALESCE(MAX(seq), 0) FROM key_changes", [], |r| {
                     r.get(0)
                 })
                 .map_err(unavailable)?;
-            let records = {
+            {
                 let mut stmt = tx
                     .prepare(&format!("SELECT {COLUMNS} FROM keys"))
                     .map_err(unavailable)?;
-                let rows = stmt.query_map([], read_record).map_err(unavailable)?;
-                rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)?
-            };
+                let mut rows = stmt.query([]).map_err(unavailable)?;
+                let mut batch = Vec::with_capacity(LOAD_BATCH);
+                while let Some(row) = rows.next().map_err(unavailable)? {
+                    batch.push(read_record(row).map_err(unavailable)?);
+                    if batch.len() == LOAD_BATCH {
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(LOAD_BATCH));
+                        batches.blocking_send(full).map_err(|_| abandoned())?;
+                    }
+                }
+                if !batch.is_empty() {
+                    batches.blocking_send(batch).map_err(|_| abandoned())?;
+                }
+            }
             tx.commit().map_err(unavailable)?;
-            Ok((records, Cursor(cursor)))
-        })
-        .await
+            Ok(Cursor(cursor))
+        });
+        let deliver = async {
+            while let Some(batch) = received.recv().await {
+                batch.into_iter().for_each(&mut *sink);
+            }
+        };
+        let (cursor, ()) = tokio::join!(read, deliver);
+        cursor
     }
 
     async fn changes_since(&self, cursor: Cursor) -> Result<(Vec<Change>, Cursor), StoreError> {
