@@ -5,8 +5,9 @@
 //! 1. RSS of a `KeyCache` holding 1 M keys, filled in this process (VmRSS before and after).
 //! 2. A SQLite store with 1 M keys (schema made by `SqliteStore::open`, rows bulk-inserted with
 //!    rusqlite in one transaction, same columns as `src/keys/store/sqlite.rs`), then:
-//!    - in process: time of `Gateway::start(snapshot)` (opens the store, loads every key, fills
-//!      the cache);
+//!    - in process: time of `Gateway::start(snapshot)` (opens the store, streams every key into
+//!      the cache), then of `Gateway::resync()` with nothing changed; the store read alone and
+//!      the read streamed into a cache, timed apart;
 //!    - the binary: `keygate serve --config …` spawned, timed until `/readyz` on its ops
 //!      listener answers 200; its VmRSS and VmHWM (peak) read at that moment.
 //!
@@ -260,7 +261,7 @@ fn main() {
         );
     }
 
-    // In process: config load, then Gateway::start (store open + load_all + cache fill).
+    // In process: config load, then Gateway::start (store open + streamed load into the cache).
     let cfg = write_config(dir.path(), &db, free_addr(), free_addr());
     let parsed = Instant::now();
     let snapshot = Snapshot::load(&cfg).unwrap();
@@ -269,44 +270,44 @@ fn main() {
     let gateway = runtime.block_on(Gateway::start(snapshot)).unwrap();
     let started = started.elapsed();
     assert_eq!(gateway.keys().len(), n);
+    // A resync of an unchanged store: every key streamed again, only marked as seen.
+    let resynced = Instant::now();
+    let loaded = runtime.block_on(gateway.resync()).unwrap();
+    let resynced = resynced.elapsed();
+    assert_eq!((loaded, gateway.keys().len()), (n, n));
     println!(
-        "ready/in-process: Snapshot::load {:.1} ms, Gateway::start {:.2} s",
+        "ready/in-process: Snapshot::load {:.1} ms, Gateway::start {:.2} s; \
+         Gateway::resync (nothing changed) {:.2} s",
         parsed.as_secs_f64() * 1e3,
-        started.as_secs_f64()
+        started.as_secs_f64(),
+        resynced.as_secs_f64()
     );
     drop(gateway);
 
-    // Where Gateway::start spends it: the store read (rows -> Vec<KeyRecord>), then the fill.
+    // Where Gateway::start spends it: the store read alone (rows -> records, dropped at once),
+    // then the same read streamed into a cache.
     let snapshot = Snapshot::load(&cfg).unwrap();
-    let (read, records) = runtime.block_on(async {
+    let (read, streamed) = runtime.block_on(async {
         let store = SqliteStore::open(&db).await.unwrap();
         let read = Instant::now();
-        let (records, _cursor) = store.load_all().await.unwrap();
-        (read.elapsed(), records)
+        let mut rows = 0;
+        store.load_each(&mut |_| rows += 1).await.unwrap();
+        let read = read.elapsed();
+        assert_eq!(rows, n);
+        let streamed = Instant::now();
+        let cache = KeyCache::with_capacity(store.count().await.unwrap());
+        store
+            .load_each(&mut |record| cache.upsert(&record, &snapshot.scopes))
+            .await
+            .unwrap();
+        (read, streamed.elapsed())
     });
-    let cache = KeyCache::new();
-    let fill = Instant::now();
-    cache.replace_all(&records, &snapshot.scopes);
-    let fill = fill.elapsed();
-    drop(cache);
-    // The same records upserted one by one into an empty cache: replace_all minus its pass
-    // that looks for stale keys (a set of every live id, then a scan of the id index).
-    let cache = KeyCache::new();
-    let upserts = Instant::now();
-    for record in &records {
-        cache.upsert(record, &snapshot.scopes);
-    }
-    let upserts = upserts.elapsed();
     println!(
-        "ready/breakdown: SqliteStore::load_all {:.2} s ({n} rows -> Vec<KeyRecord>), \
-         KeyCache::replace_all {:.2} s (upsert loop alone {:.2} s, stale-key pass {:.2} s)",
+        "ready/breakdown: SqliteStore::load_each {:.2} s ({n} rows read, nothing kept), \
+         count + load_each into KeyCache::upsert {:.2} s (read and fill overlap)",
         read.as_secs_f64(),
-        fill.as_secs_f64(),
-        upserts.as_secs_f64(),
-        (fill.as_secs_f64() - upserts.as_secs_f64()).max(0.0)
+        streamed.as_secs_f64(),
     );
-    drop(cache);
-    drop(records);
     drop(runtime);
 
     // The binary, from spawn to /readyz 200.

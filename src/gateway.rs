@@ -71,7 +71,7 @@ impl Gateway {
         clock: Clock,
     ) -> Result<Arc<Gateway>, StoreError> {
         // Streamed: each key goes into the cache as it is read, never all of them into a list.
-        let keys = KeyCache::new();
+        let keys = KeyCache::with_capacity(store.count().await?);
         let scopes = &snapshot.scopes;
         let cursor = store
             .load_each(&mut |record| keys.upsert(&record, scopes))

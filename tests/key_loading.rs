@@ -100,6 +100,7 @@ async fn check_streamed(store: &dyn KeyStore, also: &[KeyRecord]) {
         .await
         .unwrap();
     assert_eq!(streamed.len(), MANY + also.len());
+    assert_eq!(store.count().await.unwrap(), streamed.len());
     for i in 0..MANY {
         assert!(
             seen.contains(&bulk_key(i)),

@@ -305,6 +305,23 @@ impl KeyCache {
         KeyCache::default()
     }
 
+    /// A cache with room for `keys` keys (start-up with a large store): its tables never grow
+    /// while it fills, which would move every entry again, each time reading it to hash it.
+    pub fn with_capacity(keys: usize) -> KeyCache {
+        // Digests spread evenly over the shards; 1/16 of slack covers the spread.
+        let per_shard = keys / SHARDS + keys / SHARDS / 16;
+        KeyCache {
+            by_digest: (0..SHARDS)
+                .map(|_| Shard(RwLock::new(HashTable::with_capacity(per_shard))))
+                .collect(),
+            writer: Mutex::new(Index {
+                by_id: HashTable::with_capacity(keys),
+                ..Index::default()
+            }),
+            ..KeyCache::default()
+        }
+    }
+
     fn shard(&self, digest: &Digest) -> &RwLock<HashTable<Arc<CachedKey>>> {
         &self.by_digest[usize::from(digest.0[8]) % SHARDS].0
     }

@@ -150,6 +150,8 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn record_usage(&self, usage: &[Usage]) -> Result<(), StoreError>;
     /// The audit log, oldest first, optionally for one key id.
     async fn audit(&self, key_id: Option<&str>) -> Result<Vec<AuditEvent>, StoreError>;
+    /// How many keys the store holds (API keys and dev keys), to size the cache for a load.
+    async fn count(&self) -> Result<usize, StoreError>;
     /// Every key, handed to `sink` one at a time as it is read (never all in memory at once),
     /// and the feed position they reflect: every change after the returned cursor may be missing
     /// from what was loaded, none before it. On an error `sink` may have seen part of the keys.

@@ -1255,6 +1255,21 @@ impl KeyStore for PostgresStore {
         .await
     }
 
+    async fn count(&self) -> Result<usize, StoreError> {
+        let count: i64 = self
+            .run(|c| {
+                Box::pin(async move {
+                    let row = c
+                        .query_one("SELECT COUNT(*) FROM keys", &[])
+                        .await
+                        .map_err(lost)?;
+                    Ok(row.get(0))
+                })
+            })
+            .await?;
+        Ok(usize::try_from(count).unwrap_or(0))
+    }
+
     /// Reads the keys in pages of [`LOAD_PAGE`] in primary-key order, each page its own query
     /// (retried and bounded like any read), so no statement outlives [`CALL_TIMEOUT`] whatever
     /// the number of keys. The pages are not one snapshot; the cursor, taken first, covers that:

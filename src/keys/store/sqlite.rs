@@ -458,6 +458,14 @@ impl KeyStore for SqliteStore {
         .await
     }
 
+    async fn count(&self) -> Result<usize, StoreError> {
+        self.with(|conn| {
+            conn.query_row("SELECT COUNT(*) FROM keys", [], |r| r.get(0))
+                .map_err(unavailable)
+        })
+        .await
+    }
+
     /// The rows are read on the blocking pool, in one read transaction (so the keys and the
     /// cursor describe the same moment), and cross to the caller's task in batches of
     /// [`LOAD_BATCH`] through a channel of [`LOAD_BATCHES_IN_FLIGHT`]: the reader and the sink
