@@ -520,18 +520,20 @@ impl KeyCache {
                 key.secret_valid_until,
             )))
         };
-        let current: Vec<Arc<CachedKey>> = ix.by_id.iter().filter_map(|k| regrant(k)).collect();
-        let previous: Vec<Arc<CachedKey>> = ix
-            .previous
-            .values()
-            .filter_map(|d| regrant(&*self.lookup(d)?))
-            .collect();
-        for key in previous {
-            self.publish(key);
+        // Key by key, so old and new entries never all exist at once.
+        let Index {
+            by_id, previous, ..
+        } = &mut *ix;
+        for digest in previous.values() {
+            if let Some(key) = self.lookup(digest).and_then(|k| regrant(&k)) {
+                self.publish(key);
+            }
         }
-        for key in current {
-            self.publish(key.clone());
-            ix.put(key);
+        for slot in by_id.iter_mut() {
+            if let Some(key) = regrant(slot) {
+                self.publish(key.clone());
+                *slot = key;
+            }
         }
     }
 
