@@ -179,7 +179,7 @@ wait_http "http://127.0.0.1:$UP_PORT$ROUTE" 200
 # --- keygate: the Appwrite map, one key, forward_key: false ------------------------------------
 cat >"$TMP/keygate/keygate.yaml" <<EOF
 include: ["$ROOT/config/appwrite.yaml"]
-server: { listen: "127.0.0.1:$KG_PORT" }
+server: { listen: "127.0.0.1:$KG_PORT", workers: 2 }
 ops: { listen: "127.0.0.1:$KG_OPS" }
 store: { url: "sqlite://$TMP/keygate/keys.db" }
 projects:
@@ -196,7 +196,7 @@ KEY_JSON=$(KEYGATE_LOG=warn "$KEYGATE" keys create --config "$TMP/keygate/keygat
     --project demo --name load --scopes documents.read)
 SECRET=$(printf '%s' "$KEY_JSON" | sed -n 's/.*"secret" *: *"\([^"]*\)".*/\1/p')
 [[ "$SECRET" == standard_* ]] || die "no secret in: $KEY_JSON"
-TOKIO_WORKER_THREADS=2 KEYGATE_LOG=warn "$KEYGATE" serve --config "$TMP/keygate/keygate.yaml" \
+KEYGATE_LOG=warn "$KEYGATE" serve --config "$TMP/keygate/keygate.yaml" \
     >"$TMP/keygate/keygate.log" 2>&1 &
 KG_PID=$!
 PIDS+=("$KG_PID")

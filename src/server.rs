@@ -5,8 +5,9 @@
 //! Connection settings and TLS material are read from the current snapshot for every new
 //! connection, so a reload applies to new connections while open ones keep what they started
 //! with; the shutdown grace period is read when shutdown begins. `max_connections` sizes the
-//! listener's semaphore when it starts, so a change takes effect when the listener is next
-//! bound. [`serve`] re-binds the public listener only when a reload changes its address.
+//! listener's semaphore and `workers` its threads when it starts, so a change to either takes
+//! effect when the listener is next bound. [`serve`] re-binds the public listener only when a
+//! reload changes its address.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -44,10 +45,21 @@ fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor>
     builder
 }
 
-/// Serves the public (proxy) listener until `shutdown` resolves.
+/// Serves the public (proxy) listener on the calling runtime until `shutdown` resolves.
 pub async fn run(
     listener: TcpListener,
     gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let limit = Arc::new(Semaphore::new(gateway.snapshot().server.max_connections));
+    run_with_limit(listener, gateway, limit, shutdown).await
+}
+
+/// [`run`], with a connection limit shared with other accept loops on the same socket.
+async fn run_with_limit(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    limit: Arc<Semaphore>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let settings = {
@@ -61,7 +73,6 @@ pub async fn run(
         let gateway = gateway.clone();
         move || gateway.snapshot().server.shutdown_grace
     };
-    let limit = Arc::new(Semaphore::new(gateway.snapshot().server.max_connections));
     accept_loop(
         listener,
         "public",
@@ -80,6 +91,61 @@ pub async fn run(
     .await
 }
 
+/// Serves one listening socket from `workers` threads, each with its own single-threaded
+/// runtime: a connection lives on the thread that accepted it, and so do its upstream
+/// connections (each thread sends on its own pools), so a proxied request never crosses
+/// threads. The threads share the socket's accept queue and one connection limit. Resolves
+/// when every thread has finished (after `stop` turns true and their connections drained).
+fn run_workers(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    workers: usize,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<impl Future<Output = std::io::Result<()>>> {
+    let socket = listener.into_std()?;
+    let limit = Arc::new(Semaphore::new(gateway.snapshot().server.max_connections));
+    let mut done = Vec::with_capacity(workers);
+    for index in 0..workers {
+        let socket = socket.try_clone()?;
+        let gateway = gateway.clone();
+        let limit = limit.clone();
+        let mut stop = stop.clone();
+        let (finished, finished_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("keygate-worker-{index}"))
+            .spawn(move || {
+                proxy::upstream::use_pool(index);
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .and_then(|runtime| {
+                        runtime.block_on(async move {
+                            let listener = TcpListener::from_std(socket)?;
+                            let stopped = async move {
+                                let _ = stop.wait_for(|stop| *stop).await;
+                            };
+                            run_with_limit(listener, gateway, limit, stopped).await
+                        })
+                    });
+                let _ = finished.send(result);
+            })?;
+        done.push(finished_rx);
+    }
+    Ok(async move {
+        let mut outcome = Ok(());
+        for finished in done {
+            match finished.await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => outcome = Err(err),
+                Err(_) => {
+                    outcome = Err(std::io::Error::other("a listener thread panicked"));
+                }
+            }
+        }
+        outcome
+    })
+}
+
 /// Serves the public listener on the configured address, re-binding when a reload changes it:
 /// the new address is bound first (a failure keeps the old one serving), then the old listener
 /// stops accepting and its connections finish.
@@ -91,7 +157,7 @@ pub async fn serve(
     let mut address = gateway.snapshot().listen;
     let listener = TcpListener::bind(address).await?;
     tracing::info!(addr = %listener.local_addr()?, "keygate listening");
-    let (mut stop, mut task) = spawn_listener(listener, gateway.clone());
+    let (mut stop, mut task) = spawn_listener(listener, gateway.clone())?;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -104,11 +170,10 @@ pub async fn serve(
                 if wanted == address {
                     continue;
                 }
-                match TcpListener::bind(wanted).await {
-                    Ok(listener) => {
+                match TcpListener::bind(wanted).await.and_then(|l| spawn_listener(l, gateway.clone())) {
+                    Ok((new_stop, new_task)) => {
                         tracing::info!(from = %address, to = %wanted, "listen address changed; re-bound");
                         let _ = stop.send(true);
-                        let (new_stop, new_task) = spawn_listener(listener, gateway.clone());
                         let old = std::mem::replace(&mut task, new_task);
                         stop = new_stop;
                         address = wanted;
@@ -126,18 +191,14 @@ pub async fn serve(
 fn spawn_listener(
     listener: TcpListener,
     gateway: Arc<Gateway>,
-) -> (
+) -> std::io::Result<(
     watch::Sender<bool>,
     tokio::task::JoinHandle<std::io::Result<()>>,
-) {
-    let (stop, mut stopped) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        run(listener, gateway, async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        })
-        .await
-    });
-    (stop, task)
+)> {
+    let (stop, stopped) = watch::channel(false);
+    let workers = gateway.snapshot().server.workers;
+    let finished = run_workers(listener, gateway, workers, stopped)?;
+    Ok((stop, tokio::spawn(finished)))
 }
 
 /// Serves the ops listener: `/healthz` (alive), `/readyz` (config loaded, store reachable,

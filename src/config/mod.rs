@@ -137,6 +137,8 @@ pub struct ServerSettings {
     /// Present when the listener terminates TLS.
     pub tls: Option<Tls>,
     pub max_connections: usize,
+    /// Threads serving the public listener (one runtime and one set of upstream pools each).
+    pub workers: usize,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
@@ -149,12 +151,21 @@ impl fmt::Debug for ServerSettings {
         f.debug_struct("ServerSettings")
             .field("tls", &self.tls)
             .field("max_connections", &self.max_connections)
+            .field("workers", &self.workers)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("max_header_bytes", &self.max_header_bytes)
             .field("max_headers", &self.max_headers)
             .field("shutdown_grace", &self.shutdown_grace)
             .finish()
     }
+}
+
+/// At most this many public listener threads.
+pub const MAX_WORKERS: usize = 256;
+
+/// One public listener thread per CPU the process may use.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS))
 }
 
 /// Dev key policy.
@@ -447,7 +458,7 @@ impl Validator<'_> {
         let mut upstream_index = HashMap::new();
         let mut upstreams = Vec::new();
         for (name, upstream) in &raw.upstreams {
-            let built = self.upstream(name, upstream)?;
+            let built = self.upstream(name, upstream, server.workers)?;
             upstream_index.insert(name.as_str(), upstreams.len());
             upstreams.push(built);
         }
@@ -789,6 +800,17 @@ impl Validator<'_> {
                 None => None,
             },
             max_connections: raw.max_connections.unwrap_or(10_000).max(1),
+            workers: match raw.workers {
+                None => default_workers(),
+                Some(0) => return Err(self.error("server.workers", "must be at least 1")),
+                Some(n) if n > MAX_WORKERS => {
+                    return Err(self.error(
+                        "server.workers",
+                        format!("at most {MAX_WORKERS} (one per CPU core is the usual choice)"),
+                    ))
+                }
+                Some(n) => n,
+            },
             header_read_timeout: duration(
                 "server.header_read_timeout",
                 &raw.header_read_timeout,
@@ -821,7 +843,12 @@ impl Validator<'_> {
             .map_err(|msg| self.error(format!("{key}.cert"), msg))
     }
 
-    fn upstream(&self, name: &str, raw: &raw::RawUpstream) -> Result<Upstream, ConfigError> {
+    fn upstream(
+        &self,
+        name: &str,
+        raw: &raw::RawUpstream,
+        pools: usize,
+    ) -> Result<Upstream, ConfigError> {
         let key = format!("upstreams.{name}");
         let urls: Vec<String> = match (&raw.url, raw.urls.is_empty()) {
             (Some(url), true) => vec![url.0.clone()],
@@ -872,6 +899,7 @@ impl Validator<'_> {
             eject_after: raw.eject_after.unwrap_or(3).max(1),
             eject_for: duration("eject_for", &raw.eject_for, Duration::from_secs(10))?,
             ca_pem,
+            pools,
         };
         let previous = self
             .previous

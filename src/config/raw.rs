@@ -59,6 +59,9 @@ pub(crate) struct RawServer {
     /// Open client connections at most; further connections wait in the listen backlog.
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Threads serving the public listener, each with its own upstream connection pools.
+    #[serde(default)]
+    pub workers: Option<usize>,
     /// Time a client has to send its request head.
     #[serde(default)]
     pub header_read_timeout: Option<Text>,

@@ -232,3 +232,28 @@ fn the_production_example_loads_with_dev_keys_off() {
     );
     assert!(snapshot.routes.len() > 700);
 }
+
+#[test]
+fn workers_default_to_the_cpus_and_size_the_upstream_pools() {
+    let snapshot = parse(&format!("{BASE}routes: []\n")).unwrap();
+    assert_eq!(snapshot.server.workers, default_workers());
+    assert!(snapshot.server.workers >= 1);
+
+    let three = BASE.replace(
+        r#"listen: "127.0.0.1:0" }"#,
+        r#"listen: "127.0.0.1:0", workers: 3 }"#,
+    );
+    let snapshot = parse(&format!("{three}routes: []\n")).unwrap();
+    assert_eq!(snapshot.server.workers, 3);
+    assert_eq!(snapshot.upstreams[0].settings.pools, 3);
+
+    for bad in ["0", "100000"] {
+        let text = BASE.replace(
+            r#"listen: "127.0.0.1:0" }"#,
+            &format!(r#"listen: "127.0.0.1:0", workers: {bad} }}"#),
+        );
+        let err = parse(&format!("{text}routes: []\n")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("server.workers"), "{err}");
+        assert_eq!(err.line, Some(2), "{err}");
+    }
+}

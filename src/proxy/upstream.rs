@@ -1,7 +1,12 @@
 //! An upstream: one or several addresses behind a name, a pooled keep-alive client, balancing
 //! (round robin or least outstanding requests) and passive health: an address that fails
 //! `eject_after` times in a row rests for `eject_for`, unless every address is resting.
+//!
+//! Each public listener thread has its own connection pool per upstream (`pools`, one per
+//! worker): a request is sent on a connection driven by the thread that serves the client, so
+//! the hand-off to the upstream connection is a local wake-up, never a cross-thread one.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -37,6 +42,18 @@ pub struct UpstreamSettings {
     pub eject_for: Duration,
     /// PEM CA bundle for https:// addresses; `None`: the system's roots.
     pub ca_pem: Option<Vec<u8>>,
+    /// Connection pools: one per public listener thread.
+    pub pools: usize,
+}
+
+thread_local! {
+    /// The pool this thread sends on (its worker number; 0 outside the worker threads).
+    static POOL: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Makes this thread send on pool `index` of every upstream (called once by each worker).
+pub fn use_pool(index: usize) {
+    POOL.with(|pool| pool.set(index));
 }
 
 /// One address of an upstream and its health.
@@ -94,7 +111,7 @@ pub struct Upstream {
     needs_tls: bool,
     targets: Vec<Arc<Target>>,
     next: AtomicUsize,
-    client: UpstreamClient,
+    clients: Box<[UpstreamClient]>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -156,20 +173,21 @@ impl Upstream {
             .map(|url| parse_target(url).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let needs_tls = targets.iter().any(|t| t.scheme == Scheme::HTTPS);
-        let client = match previous.filter(|p| {
+        let clients = match previous.filter(|p| {
             p.settings.connect_timeout == settings.connect_timeout
                 && p.settings.ca_pem == settings.ca_pem
+                && p.settings.pools == settings.pools
                 && p.needs_tls == needs_tls
         }) {
-            Some(previous) => previous.client.clone(),
-            None => build_client(&settings, needs_tls)?,
+            Some(previous) => previous.clients.clone(),
+            None => build_clients(&settings, needs_tls)?,
         };
         Ok(Upstream {
             settings,
             needs_tls,
             targets,
             next: AtomicUsize::new(0),
-            client,
+            clients,
         })
     }
 
@@ -189,8 +207,9 @@ impl Upstream {
         &self.targets
     }
 
+    /// The calling thread's connection pool.
     pub fn client(&self) -> &UpstreamClient {
-        &self.client
+        &self.clients[POOL.with(Cell::get) % self.clients.len()]
     }
 
     /// Picks an address, skipping `exclude` (already tried) and resting addresses — unless
@@ -244,7 +263,10 @@ impl Upstream {
     }
 }
 
-fn build_client(settings: &UpstreamSettings, needs_tls: bool) -> Result<UpstreamClient, String> {
+fn build_clients(
+    settings: &UpstreamSettings,
+    needs_tls: bool,
+) -> Result<Box<[UpstreamClient]>, String> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.connect_timeout));
@@ -286,10 +308,13 @@ fn build_client(settings: &UpstreamSettings, needs_tls: bool) -> Result<Upstream
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(connector))
+    let client = || {
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(connector.clone())
+    };
+    Ok((0..settings.pools.max(1)).map(|_| client()).collect())
 }
 
 #[cfg(test)]
@@ -307,6 +332,7 @@ mod tests {
             eject_after: 2,
             eject_for: Duration::from_secs(60),
             ca_pem: None,
+            pools: 1,
         }
     }
 
