@@ -1,8 +1,12 @@
 //! Metric names, in one place. Units are in the names; labels are bounded: route id, method,
 //! status class, outcome, upstream name, error kind — never a path, a key id or a secret.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::OnceLock;
+use std::time::Duration;
 
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Requests by `route` (index, or `none`), `method`, `status` (class: 2xx…) and `outcome`.
@@ -61,4 +65,81 @@ pub fn status_class(status: u16) -> &'static str {
         400..=499 => "4xx",
         _ => "5xx",
     }
+}
+
+/// The labels of one request's metrics; every part is bounded (route index, fixed strings).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestLabels {
+    pub route: Option<usize>,
+    pub method: &'static str,
+    pub status: &'static str,
+    pub outcome: &'static str,
+}
+
+/// The per-request metrics, resolved once per label set and thread: a request then increments
+/// atomics instead of formatting labels and looking them up in the registry.
+#[derive(Default)]
+struct Handles {
+    requests: HashMap<RequestLabels, Counter>,
+    durations: HashMap<Option<usize>, Histogram>,
+    decisions: HashMap<&'static str, Counter>,
+    upstreams: HashMap<Box<str>, Histogram>,
+}
+
+thread_local! {
+    static HANDLES: RefCell<Handles> = RefCell::new(Handles::default());
+}
+
+fn route_label(route: Option<usize>) -> String {
+    route.map_or_else(|| "none".to_owned(), |r| r.to_string())
+}
+
+/// Counts a finished request and records its latency; `decision` is what the authorization
+/// decision said, when it ran.
+pub fn request_done(labels: RequestLabels, decision: Option<&'static str>, elapsed: Duration) {
+    HANDLES.with(|handles| {
+        let mut handles = handles.borrow_mut();
+        handles
+            .requests
+            .entry(labels)
+            .or_insert_with(|| {
+                metrics::counter!(
+                    REQUESTS_TOTAL,
+                    "route" => route_label(labels.route),
+                    "method" => labels.method,
+                    "status" => labels.status,
+                    "outcome" => labels.outcome,
+                )
+            })
+            .increment(1);
+        handles
+            .durations
+            .entry(labels.route)
+            .or_insert_with(|| {
+                metrics::histogram!(REQUEST_DURATION_SECONDS, "route" => route_label(labels.route))
+            })
+            .record(elapsed.as_secs_f64());
+        if let Some(decision) = decision {
+            handles
+                .decisions
+                .entry(decision)
+                .or_insert_with(|| metrics::counter!(AUTH_DECISIONS_TOTAL, "outcome" => decision))
+                .increment(1);
+        }
+    });
+}
+
+/// Records how long an upstream took to answer.
+pub fn upstream_done(upstream: &str, elapsed: Duration) {
+    HANDLES.with(|handles| {
+        let mut handles = handles.borrow_mut();
+        if let Some(histogram) = handles.upstreams.get(upstream) {
+            histogram.record(elapsed.as_secs_f64());
+            return;
+        }
+        let histogram =
+            metrics::histogram!(UPSTREAM_DURATION_SECONDS, "upstream" => upstream.to_owned());
+        histogram.record(elapsed.as_secs_f64());
+        handles.upstreams.insert(upstream.into(), histogram);
+    });
 }

@@ -244,8 +244,7 @@ async fn process(
         client_upgrade,
     )
     .await;
-    metrics::histogram!(m::UPSTREAM_DURATION_SECONDS, "upstream" => upstream.name().to_owned())
-        .record(forwarded.elapsed.as_secs_f64());
+    m::upstream_done(upstream.name(), forwarded.elapsed);
     outcome.upstream = Some((upstream.name().to_owned(), forwarded.elapsed));
     match result {
         Ok(mut response) => {
@@ -344,32 +343,26 @@ fn record(
     started: Instant,
 ) {
     let elapsed = started.elapsed();
-    let route = outcome
-        .route
-        .map_or_else(|| "none".to_owned(), |r| r.to_string());
     let method_label = match *method {
-        Method::GET
-        | Method::HEAD
-        | Method::POST
-        | Method::PUT
-        | Method::PATCH
-        | Method::DELETE
-        | Method::OPTIONS => method.as_str().to_owned(),
-        _ => "other".to_owned(),
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
     };
-    metrics::counter!(
-        m::REQUESTS_TOTAL,
-        "route" => route.clone(),
-        "method" => method_label,
-        "status" => m::status_class(status),
-        "outcome" => outcome.result,
-    )
-    .increment(1);
-    metrics::histogram!(m::REQUEST_DURATION_SECONDS, "route" => route)
-        .record(elapsed.as_secs_f64());
-    if let Some(decision) = outcome.decision {
-        metrics::counter!(m::AUTH_DECISIONS_TOTAL, "outcome" => decision).increment(1);
-    }
+    m::request_done(
+        m::RequestLabels {
+            route: outcome.route,
+            method: method_label,
+            status: m::status_class(status),
+            outcome: outcome.result,
+        },
+        outcome.decision,
+        elapsed,
+    );
     tracing::info!(
         target: "keygate::access",
         request_id = request_id.to_str().unwrap_or(""),
