@@ -11,6 +11,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{ServerSettings, Tls};
 use crate::gateway::Gateway;
@@ -52,14 +53,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let limit = Arc::new(Semaphore::new(gateway.snapshot().server.max_connections));
-    run_with_limit(listener, gateway, limit, shutdown).await
+    run_admitting(listener, gateway, Admission::alone(limit), shutdown).await
 }
 
-/// [`run`], with a connection limit shared with other accept loops on the same socket.
-async fn run_with_limit(
+/// [`run`], admitting connections as `admission` says (shared with the other worker threads).
+async fn run_admitting(
     listener: TcpListener,
     gateway: Arc<Gateway>,
-    limit: Arc<Semaphore>,
+    admission: Admission,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let settings = {
@@ -78,7 +79,7 @@ async fn run_with_limit(
         "public",
         shutdown,
         settings,
-        limit,
+        admission,
         grace,
         move |peer| {
             let gateway = Arc::clone(&gateway);
@@ -104,11 +105,15 @@ fn run_workers(
 ) -> std::io::Result<impl Future<Output = std::io::Result<()>>> {
     let socket = listener.into_std()?;
     let limit = Arc::new(Semaphore::new(gateway.snapshot().server.max_connections));
+    let spread = Arc::new(Spread::new(workers));
     let mut done = Vec::with_capacity(workers);
     for index in 0..workers {
         let socket = socket.try_clone()?;
         let gateway = gateway.clone();
-        let limit = limit.clone();
+        let admission = Admission {
+            limit: limit.clone(),
+            spread: Some((spread.clone(), index)),
+        };
         let mut stop = stop.clone();
         let (finished, finished_rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -124,7 +129,7 @@ fn run_workers(
                             let stopped = async move {
                                 let _ = stop.wait_for(|stop| *stop).await;
                             };
-                            run_with_limit(listener, gateway, limit, stopped).await
+                            run_admitting(listener, gateway, admission, stopped).await
                         })
                     });
                 let _ = finished.send(result);
@@ -224,7 +229,7 @@ pub async fn run_ops(
         "ops",
         shutdown,
         settings,
-        Arc::new(Semaphore::new(256)),
+        Admission::alone(Arc::new(Semaphore::new(256))),
         grace,
         move |_peer| {
             let gateway = Arc::clone(&gateway);
@@ -288,13 +293,117 @@ async fn ops(gateway: &Gateway, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// How far a worker thread may get ahead of the least busy one, in open connections.
+const SPREAD_SLACK: usize = 1;
+
+/// Open connections per worker thread sharing one socket. A thread that accepted more than its
+/// share steps back and lets the others take the next connections: a burst of connections
+/// (a client opening its pool) would otherwise land on whichever thread woke first.
+struct Spread {
+    open: Box<[AtomicUsize]>,
+    changed: Notify,
+}
+
+impl Spread {
+    fn new(workers: usize) -> Spread {
+        Spread {
+            open: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
+            changed: Notify::new(),
+        }
+    }
+
+    fn my_turn(&self, me: usize) -> bool {
+        let mine = self.open[me].load(Ordering::Relaxed);
+        let least = (0..self.open.len())
+            .filter(|&other| other != me)
+            .map(|other| self.open[other].load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(mine);
+        mine <= least + SPREAD_SLACK
+    }
+
+    async fn wait_turn(&self, me: usize) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.my_turn(me) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn add(&self, me: usize, opened: bool) {
+        if opened {
+            self.open[me].fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.open[me].fetch_sub(1, Ordering::Relaxed);
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// Who may open a connection on a listener: the connection limit, and for a worker thread that
+/// shares its socket, its turn.
+struct Admission {
+    limit: Arc<Semaphore>,
+    spread: Option<(Arc<Spread>, usize)>,
+}
+
+impl Admission {
+    fn alone(limit: Arc<Semaphore>) -> Admission {
+        Admission {
+            limit,
+            spread: None,
+        }
+    }
+
+    /// Waits for this thread's turn, then for room under the connection limit.
+    async fn wait(&self) -> OwnedSemaphorePermit {
+        if let Some((spread, me)) = &self.spread {
+            spread.wait_turn(*me).await;
+        }
+        self.limit
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    /// Counts an accepted connection until the returned slot is dropped.
+    fn open(&self, permit: OwnedSemaphorePermit) -> Slot {
+        if let Some((spread, me)) = &self.spread {
+            spread.add(*me, true);
+        }
+        Slot {
+            _permit: permit,
+            spread: self.spread.clone(),
+        }
+    }
+}
+
+/// An open connection's place under the limit and in its thread's count.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    spread: Option<(Arc<Spread>, usize)>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((spread, me)) = &self.spread {
+            spread.add(*me, false);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn accept_loop<S, F>(
     listener: TcpListener,
     name: &'static str,
     shutdown: impl Future<Output = ()>,
     settings: impl Fn() -> (ServerSettings, Option<Tls>),
-    limit: Arc<Semaphore>,
+    admission: Admission,
     grace: impl Fn() -> Duration,
     make_service: F,
 ) -> std::io::Result<()>
@@ -308,9 +417,10 @@ where
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        // At the connection limit, stop accepting: new clients wait in the listen backlog.
+        // At the connection limit (or this thread's share of it), stop accepting: new clients
+        // wait in the listen backlog, or are taken by another worker thread.
         let permit = tokio::select! {
-            permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            permit = admission.wait() => permit,
             () = &mut shutdown => break,
         };
         let (stream, addr) = tokio::select! {
@@ -325,6 +435,7 @@ where
             },
             () = &mut shutdown => break,
         };
+        let slot = admission.open(permit);
         let _ = stream.set_nodelay(true);
         let (settings, tls) = settings();
         let builder = connection_builder(&settings);
@@ -337,7 +448,7 @@ where
             metrics::gauge!(m::CONNECTIONS_OPEN, "listener" => name).increment(1.0);
             serve_connection(stream, tls, &settings, builder, service, watcher).await;
             metrics::gauge!(m::CONNECTIONS_OPEN, "listener" => name).decrement(1.0);
-            drop(permit);
+            drop(slot);
         });
     }
     drop(listener);
