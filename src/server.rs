@@ -504,3 +504,43 @@ async fn drive<I, S>(
         tracing::debug!(error = %err, "connection ended with an error");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_ahead_of_the_least_busy_one_steps_back() {
+        let spread = Spread::new(3);
+        for _ in 0..=SPREAD_SLACK {
+            assert!(spread.my_turn(0));
+            spread.add(0, true);
+        }
+        assert!(
+            !spread.my_turn(0),
+            "ahead of both others by more than the slack"
+        );
+        assert!(spread.my_turn(1) && spread.my_turn(2));
+        spread.add(1, true);
+        assert!(!spread.my_turn(0), "thread 2 is still idle");
+        spread.add(2, true);
+        assert!(spread.my_turn(0));
+        spread.add(0, false);
+        assert!(spread.my_turn(0) && spread.my_turn(1) && spread.my_turn(2));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_thread_is_woken_when_the_others_catch_up() {
+        let spread = Arc::new(Spread::new(2));
+        spread.add(0, true);
+        spread.add(0, true);
+        let waiting = tokio::spawn({
+            let spread = spread.clone();
+            async move { spread.wait_turn(0).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        spread.add(1, true);
+        waiting.await.unwrap();
+    }
+}
