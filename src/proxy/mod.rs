@@ -156,17 +156,23 @@ async fn process(
         );
     }
 
-    let verdict = limit(
-        gateway,
-        snapshot,
-        &decision,
-        &parts.method,
-        &parts.uri,
-        &parts.headers,
-        peer,
-        now,
-    )
-    .await;
+    // The counting future is large (Redis round trips); box it only when a limit applies, so
+    // the common request's future stays small.
+    let verdict = if limits_apply(&decision) {
+        Box::pin(limit(
+            gateway,
+            snapshot,
+            &decision,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            peer,
+            now,
+        ))
+        .await
+    } else {
+        None
+    };
     if let Some(verdict) = verdict.filter(|v| !v.allowed) {
         metrics::counter!(m::RATE_LIMITED_TOTAL, "route" => route.index.to_string()).increment(1);
         outcome.result = Rejection::RateLimited.outcome();
@@ -191,7 +197,7 @@ async fn process(
                 query: parts.uri.query().map(str::to_owned),
             };
             drop(decision);
-            let mut response = match admin::handle(gateway, snapshot, call, body).await {
+            let mut response = match Box::pin(admin::handle(gateway, snapshot, call, body)).await {
                 Ok(response) => response,
                 Err(rejection) => {
                     outcome.result = rejection.outcome();
@@ -260,8 +266,29 @@ async fn process(
     }
 }
 
-/// Counts the request against the route's abuse limit (guests only: API keys and dev keys are
-/// exempt) and the key's own limit; returns the tightest verdict, if any limit applies.
+/// Whether the route's abuse limit (guests only: API keys and dev keys are exempt) or the key's
+/// own limit applies to the request.
+fn limits_apply(decision: &Decision<'_, '_>) -> bool {
+    route_limit(decision).is_some() || own_limit(decision).is_some()
+}
+
+fn route_limit<'a>(decision: &Decision<'a, '_>) -> Option<&'a crate::limits::RateLimit> {
+    decision
+        .route
+        .rate_limit
+        .as_ref()
+        .filter(|_| !decision.exempt_from_route_limits())
+}
+
+fn own_limit(decision: &Decision<'_, '_>) -> Option<crate::keys::KeyRateLimit> {
+    match &decision.principal {
+        Principal::Key(key) => key.rate_limit,
+        _ => None,
+    }
+}
+
+/// Counts the request against the limits that apply to it; returns the tightest verdict, if any
+/// limit applies.
 #[allow(clippy::too_many_arguments)]
 async fn limit(
     gateway: &Gateway,
@@ -275,25 +302,8 @@ async fn limit(
 ) -> Option<Verdict> {
     let mut verdict: Option<Verdict> = None;
     let mut tighten = |v: Verdict| verdict = Some(verdict.map_or(v, |p| p.tighter(v)));
-    let limited_route = decision
-        .route
-        .rate_limit
-        .as_ref()
-        .filter(|_| !decision.exempt_from_route_limits());
-    let own_limit = match &decision.principal {
-        Principal::Key(key) => key.rate_limit,
-        _ => None,
-    };
-    if limited_route.is_none() && own_limit.is_none() {
-        return None;
-    }
     let counters = gateway.limits();
-    if let Some(limit) = decision
-        .route
-        .rate_limit
-        .as_ref()
-        .filter(|_| !decision.exempt_from_route_limits())
-    {
+    if let Some(limit) = route_limit(decision) {
         let params = snapshot.routes.params(decision.route, &decision.path);
         let facts = RequestFacts {
             ip: peer.addr.ip(),
@@ -307,15 +317,10 @@ async fn limit(
         };
         for template in &limit.keys {
             let key = counter_key(template, &facts);
-            tighten(
-                gateway
-                    .limits()
-                    .hit(&key, limit.limit, limit.window, now)
-                    .await,
-            );
+            tighten(counters.hit(&key, limit.limit, limit.window, now).await);
         }
     }
-    if let (Some(own), Principal::Key(key)) = (own_limit, &decision.principal) {
+    if let (Some(own), Principal::Key(key)) = (own_limit(decision), &decision.principal) {
         let counter = format!("key:{}:{}", key.project, key.id);
         let window = Duration::from_secs(own.window_secs.into());
         tighten(counters.hit(&counter, own.limit, window, now).await);
