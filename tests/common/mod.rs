@@ -366,6 +366,8 @@ pub fn keygate_bin() -> &'static str {
 pub struct ServeProcess {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
+    /// The ops listener's address, when the config has one (read from its log line).
+    pub ops_addr: Option<SocketAddr>,
 }
 
 impl ServeProcess {
@@ -381,12 +383,19 @@ impl ServeProcess {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
+        let addr_in = |line: &str| -> SocketAddr {
+            let at = line.find("addr=").expect("addr in the listening line") + 5;
+            let addr = line[at..].split_whitespace().next().unwrap();
+            addr.parse::<SocketAddr>().unwrap()
+        };
+        let mut ops_addr = None;
         let addr = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await.unwrap() {
+                if line.contains("ops listener ready") {
+                    ops_addr = Some(addr_in(&line));
+                }
                 if line.contains("keygate listening") {
-                    let at = line.find("addr=").expect("addr in the listening line") + 5;
-                    let addr = line[at..].split_whitespace().next().unwrap();
-                    return addr.parse::<SocketAddr>().unwrap();
+                    return addr_in(&line);
                 }
             }
             panic!("keygate exited before listening");
@@ -395,7 +404,16 @@ impl ServeProcess {
         .expect("keygate did not start in time");
         // Keep draining the log so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        ServeProcess { child, addr }
+        ServeProcess {
+            child,
+            addr,
+            ops_addr,
+        }
+    }
+
+    /// The process id (panics once the child has been waited for).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("keygate is still running")
     }
 
     /// Peak resident set size of the process, in bytes (Linux `VmHWM`).
