@@ -94,7 +94,7 @@ async fn run_admitting(
 
 /// Serves one listening socket from `workers` threads, each with its own single-threaded
 /// runtime: a connection lives on the thread that accepted it, and so do its upstream
-/// connections (each thread sends on its own pools), so a proxied request never crosses
+/// connections (each thread sends on pools of its own), so a proxied request never crosses
 /// threads. The threads share the socket's accept queue and one connection limit. Resolves
 /// when every thread has finished (after `stop` turns true and their connections drained).
 fn run_workers(
@@ -119,7 +119,6 @@ fn run_workers(
         std::thread::Builder::new()
             .name(format!("keygate-worker-{index}"))
             .spawn(move || {
-                proxy::upstream::use_pool(index);
                 let result = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

@@ -1,8 +1,8 @@
 //! `server.workers`: the public listener served by that many threads (`keygate-worker-N`), each
 //! with its own runtime, all accepting from one socket under one shared `max_connections`; a
 //! re-bind on reload replaces the threads, and SIGTERM stops them all with idle connections open.
-//! The ignored test reproduces a known bug: a 502 when an old thread ends under a request that a
-//! new thread sends on a pooled upstream connection the old thread drives.
+//! Upstream connection pools are per thread: a request of a new thread never rides on an upstream
+//! connection that an old thread's runtime drives and takes down when it ends.
 
 mod common;
 
@@ -316,13 +316,15 @@ async fn a_reload_that_changes_the_address_rebinds_the_workers() {
         "expected 2 {WORKER_PREFIX}* threads, found {}",
         worker_threads(pid)
     );
-    // The first threads serve, without sending upstream: a proxied request here would leave
-    // upstream connections driven by their runtimes in the pools, which the ignored test below
-    // shows failing requests of the new threads when those runtimes end.
+    // The first threads serve, and proxy: they hold upstream connections when the re-bind comes.
     let mut conn = Conn::open(old).await;
     conn.get("/v1/users", None)
         .await
         .assert_error(401, "general_unauthorized_scope");
+    assert_echoed(
+        &conn.get("/v1/users?before=0", Some(&key)).await,
+        "/v1/users?before=0",
+    );
     conn.close().await;
 
     // A port that was just free.
@@ -495,12 +497,11 @@ routes:
   - { methods: [GET], path: "/v1/**", public: true }
 "#;
 
-/// Reproduces a keygate bug, hence ignored: upstream pools outlive a re-bind, so the new
-/// threads reuse idle upstream connections whose tasks run on the old threads' runtimes; when
-/// an old thread finishes draining, its runtime is dropped with those tasks, and a request the
-/// new thread is sending on one of them fails with 502 ("client error (SendRequest)").
+/// Upstream pools outlive a re-bind (the config keeps them), but each thread has its own: a
+/// request of a new thread must not ride on an idle upstream connection whose task runs on an
+/// old thread's runtime, which is dropped when that thread finishes draining (it would fail with
+/// 502, "client error (SendRequest)").
 #[tokio::test]
-#[ignore = "keygate bug: requests on pooled upstream connections of an ended worker thread fail with 502"]
 async fn a_request_on_the_rebound_listener_survives_the_old_thread_ending() {
     let (upstream, mut held) = start_holding_upstream().await;
     let dir = tempfile::tempdir().unwrap();

@@ -458,7 +458,7 @@ impl Validator<'_> {
         let mut upstream_index = HashMap::new();
         let mut upstreams = Vec::new();
         for (name, upstream) in &raw.upstreams {
-            let built = self.upstream(name, upstream, server.workers)?;
+            let built = self.upstream(name, upstream)?;
             upstream_index.insert(name.as_str(), upstreams.len());
             upstreams.push(built);
         }
@@ -843,12 +843,7 @@ impl Validator<'_> {
             .map_err(|msg| self.error(format!("{key}.cert"), msg))
     }
 
-    fn upstream(
-        &self,
-        name: &str,
-        raw: &raw::RawUpstream,
-        pools: usize,
-    ) -> Result<Upstream, ConfigError> {
+    fn upstream(&self, name: &str, raw: &raw::RawUpstream) -> Result<Upstream, ConfigError> {
         let key = format!("upstreams.{name}");
         let urls: Vec<String> = match (&raw.url, raw.urls.is_empty()) {
             (Some(url), true) => vec![url.0.clone()],
@@ -899,7 +894,6 @@ impl Validator<'_> {
             eject_after: raw.eject_after.unwrap_or(3).max(1),
             eject_for: duration("eject_for", &raw.eject_for, Duration::from_secs(10))?,
             ca_pem,
-            pools,
         };
         let previous = self
             .previous

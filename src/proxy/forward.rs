@@ -117,8 +117,7 @@ pub async fn forward(
             headers.take().unwrap_or_default()
         };
 
-        let result =
-            tokio::time::timeout(upstream.timeout(), upstream.client().request(request)).await;
+        let result = tokio::time::timeout(upstream.timeout(), upstream.request(request)).await;
         match result {
             Ok(Ok(mut response)) => {
                 upstream.report(index, true);

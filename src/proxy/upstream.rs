@@ -2,13 +2,15 @@
 //! (round robin or least outstanding requests) and passive health: an address that fails
 //! `eject_after` times in a row rests for `eject_for`, unless every address is resting.
 //!
-//! Each public listener thread has its own connection pool per upstream (`pools`, one per
-//! worker): a request is sent on a connection driven by the thread that serves the client, so
-//! the hand-off to the upstream connection is a local wake-up, never a cross-thread one.
+//! Every thread that sends requests has its own connection pool per upstream, made on its first
+//! request: a request goes out on a connection driven by the thread that serves the client, so
+//! the hand-off to the upstream connection is a local wake-up, never a cross-thread one, and a
+//! thread's pooled connections end with the thread (and its runtime), never under another
+//! thread's request.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -42,18 +44,20 @@ pub struct UpstreamSettings {
     pub eject_for: Duration,
     /// PEM CA bundle for https:// addresses; `None`: the system's roots.
     pub ca_pem: Option<Vec<u8>>,
-    /// Connection pools: one per public listener thread.
-    pub pools: usize,
+}
+
+type Connector = HttpsConnector<HttpConnector>;
+
+/// How an upstream connects; shared by the upstream's versions across reloads while its
+/// connection settings stay the same, and the key to each thread's pool for it.
+struct Pools {
+    connector: Connector,
 }
 
 thread_local! {
-    /// The pool this thread sends on (its worker number; 0 outside the worker threads).
-    static POOL: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Makes this thread send on pool `index` of every upstream (called once by each worker).
-pub fn use_pool(index: usize) {
-    POOL.with(|pool| pool.set(index));
+    /// This thread's pool for each upstream it has sent to; pools of upstreams that no config
+    /// holds any more are dropped when the next pool is made.
+    static POOLS: RefCell<Vec<(Weak<Pools>, UpstreamClient)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One address of an upstream and its health.
@@ -111,7 +115,7 @@ pub struct Upstream {
     needs_tls: bool,
     targets: Vec<Arc<Target>>,
     next: AtomicUsize,
-    clients: Box<[UpstreamClient]>,
+    pools: Arc<Pools>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -173,21 +177,22 @@ impl Upstream {
             .map(|url| parse_target(url).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let needs_tls = targets.iter().any(|t| t.scheme == Scheme::HTTPS);
-        let clients = match previous.filter(|p| {
+        let pools = match previous.filter(|p| {
             p.settings.connect_timeout == settings.connect_timeout
                 && p.settings.ca_pem == settings.ca_pem
-                && p.settings.pools == settings.pools
                 && p.needs_tls == needs_tls
         }) {
-            Some(previous) => previous.clients.clone(),
-            None => build_clients(&settings, needs_tls)?,
+            Some(previous) => previous.pools.clone(),
+            None => Arc::new(Pools {
+                connector: build_connector(&settings, needs_tls)?,
+            }),
         };
         Ok(Upstream {
             settings,
             needs_tls,
             targets,
             next: AtomicUsize::new(0),
-            clients,
+            pools,
         })
     }
 
@@ -207,9 +212,26 @@ impl Upstream {
         &self.targets
     }
 
-    /// The calling thread's connection pool.
-    pub fn client(&self) -> &UpstreamClient {
-        &self.clients[POOL.with(Cell::get) % self.clients.len()]
+    /// Sends a request on the calling thread's pool for this upstream.
+    pub fn request(
+        &self,
+        request: http::Request<Body>,
+    ) -> hyper_util::client::legacy::ResponseFuture {
+        POOLS.with(|pools| {
+            let mut pools = pools.borrow_mut();
+            let mine = Arc::as_ptr(&self.pools);
+            if let Some((_, client)) = pools.iter().find(|(key, _)| key.as_ptr() == mine) {
+                return client.request(request);
+            }
+            pools.retain(|(key, _)| key.strong_count() > 0);
+            let client = Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(256)
+                .build(self.pools.connector.clone());
+            let response = client.request(request);
+            pools.push((Arc::downgrade(&self.pools), client));
+            response
+        })
     }
 
     /// Picks an address, skipping `exclude` (already tried) and resting addresses — unless
@@ -263,10 +285,7 @@ impl Upstream {
     }
 }
 
-fn build_clients(
-    settings: &UpstreamSettings,
-    needs_tls: bool,
-) -> Result<Box<[UpstreamClient]>, String> {
+fn build_connector(settings: &UpstreamSettings, needs_tls: bool) -> Result<Connector, String> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.connect_timeout));
@@ -303,18 +322,11 @@ fn build_clients(
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth(),
     };
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
-    let client = || {
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(connector.clone())
-    };
-    Ok((0..settings.pools.max(1)).map(|_| client()).collect())
+        .wrap_connector(http))
 }
 
 #[cfg(test)]
@@ -332,7 +344,6 @@ mod tests {
             eject_after: 2,
             eject_for: Duration::from_secs(60),
             ca_pem: None,
-            pools: 1,
         }
     }
 
