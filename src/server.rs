@@ -83,9 +83,11 @@ async fn run_admitting(
         grace,
         move |peer| {
             let gateway = Arc::clone(&gateway);
+            let peer = Arc::new(peer);
             service_fn(move |req: Request<Incoming>| {
                 let gateway = Arc::clone(&gateway);
-                async move { Ok::<_, Infallible>(proxy::handle(&gateway, req, peer).await) }
+                let peer = Arc::clone(&peer);
+                async move { Ok::<_, Infallible>(proxy::handle(&gateway, req, &peer).await) }
             })
         },
     )
@@ -439,10 +441,7 @@ where
         let (settings, tls) = settings();
         let builder = connection_builder(&settings);
         let watcher = graceful.watcher();
-        let service = make_service(Peer {
-            addr,
-            https: tls.is_some(),
-        });
+        let service = make_service(Peer::new(addr, tls.is_some()));
         tokio::spawn(async move {
             metrics::gauge!(m::CONNECTIONS_OPEN, "listener" => name).increment(1.0);
             serve_connection(stream, tls, &settings, builder, service, watcher).await;

@@ -1,18 +1,21 @@
 //! Header rewriting between client and upstream, in one place: hop-by-hop headers, forwarding
 //! headers, identity headers and the API key.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::auth::KEY_HEADER;
+use crate::auth::{DEV_KEY_HEADER, KEY_HEADER};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const IDENTITY_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
 pub const IDENTITY_PROJECT: HeaderName = HeaderName::from_static("x-keygate-project");
 pub const IDENTITY_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
 const IDENTITY_PREFIX: &str = "x-keygate-";
-const DEV_KEY_HEADER: &str = "x-appwrite-dev-key";
+const KEY: HeaderName = HeaderName::from_static(KEY_HEADER);
+const DEV_KEY: HeaderName = HeaderName::from_static(DEV_KEY_HEADER);
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Headers that describe one connection and must not cross a proxy (RFC 9110 §7.6.1), plus the
 /// proxy-auth pair, which is meant for this hop alone.
@@ -29,25 +32,44 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including any that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    remove_where(headers, |_| false);
+}
+
+/// The names `Connection` lists (the rare request that has any).
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// Removes hop-by-hop headers (and `Upgrade`) and those `also` picks, in one pass over the
+/// names present: a request carries a handful of headers, so comparing each with the short
+/// lists is cheaper than hashing every name that might be there.
+fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
+    let listed = connection_listed(headers);
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|&name| {
+            HOP_BY_HOP.contains(name)
+                || *name == header::UPGRADE
+                || listed.contains(name)
+                || also(name)
+        })
+        .cloned()
         .collect();
-    for name in named {
+    for name in doomed {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
 }
 
 /// What the upstream should learn about the caller.
 pub struct Forwarding<'a> {
-    pub peer: IpAddr,
+    /// The client's IP address, as a header value (made once per connection).
+    pub peer: &'a HeaderValue,
     pub https: bool,
     pub request_id: &'a HeaderValue,
     pub forward_key: bool,
@@ -67,24 +89,20 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
     } else {
         None
     };
-    strip_hop_by_hop(headers);
+    // Identity headers are keygate's to write, credentials are for keygate alone when the
+    // upstream does not check them itself, and what clients claim about earlier hops is not
+    // passed on (keygate is the edge): drop every client-sent copy first.
+    remove_where(headers, |name| {
+        name.as_str().starts_with(IDENTITY_PREFIX)
+            || *name == header::FORWARDED
+            || *name == X_REAL_IP
+            || *name == X_FORWARDED_HOST
+            || (!fwd.forward_key && (*name == KEY || *name == DEV_KEY))
+    });
     if let Some(protocol) = upgrade {
         headers.insert(header::UPGRADE, protocol);
     }
-
-    // Identity headers are keygate's to write: drop every client-sent copy first.
-    let spoofed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with(IDENTITY_PREFIX))
-        .cloned()
-        .collect();
-    for name in spoofed {
-        headers.remove(name);
-    }
     if !fwd.forward_key {
-        // Credentials are for keygate alone when the upstream does not check them itself.
-        headers.remove(KEY_HEADER);
-        headers.remove(DEV_KEY_HEADER);
         if let Some(id) = fwd.key_id.and_then(|v| HeaderValue::from_str(v).ok()) {
             headers.insert(IDENTITY_KEY_ID, id);
         }
@@ -96,25 +114,17 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
         }
     }
 
-    // keygate is the edge: what clients claim about earlier hops is not passed on.
-    headers.remove(header::FORWARDED);
-    headers.remove("x-real-ip");
-    if !headers.contains_key(header::HOST) {
-        if let Some(host) = fwd.authority.and_then(|a| HeaderValue::from_str(a).ok()) {
-            headers.insert(header::HOST, host);
-        }
-    }
-    let host = headers.get(header::HOST).cloned();
-    headers.remove("x-forwarded-host");
+    let host = match headers.get(header::HOST) {
+        Some(host) => Some(host.clone()),
+        None => fwd.authority.and_then(|a| HeaderValue::from_str(a).ok()),
+    };
     if let Some(host) = host {
-        headers.insert("x-forwarded-host", host);
+        headers.insert(header::HOST, host.clone());
+        headers.insert(X_FORWARDED_HOST, host);
     }
+    headers.insert(X_FORWARDED_FOR, fwd.peer.clone());
     headers.insert(
-        "x-forwarded-for",
-        HeaderValue::from_str(&fwd.peer.to_string()).expect("an IP address is a valid header"),
-    );
-    headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if fwd.https { "https" } else { "http" }),
     );
     headers.insert(REQUEST_ID, fwd.request_id.clone());
@@ -123,14 +133,11 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
 /// Rewrites upstream response headers into client response headers. CORS is keygate's to
 /// grant: an upstream's own grant is dropped.
 pub fn to_client(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    for name in [
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-    ] {
-        headers.remove(name);
-    }
+    remove_where(headers, |name| {
+        *name == header::ACCESS_CONTROL_ALLOW_ORIGIN
+            || *name == header::ACCESS_CONTROL_ALLOW_CREDENTIALS
+            || *name == header::ACCESS_CONTROL_EXPOSE_HEADERS
+    });
 }
 
 #[cfg(test)]
@@ -138,8 +145,9 @@ mod tests {
     use super::*;
 
     fn forwarding<'a>(id: &'a HeaderValue, forward_key: bool) -> Forwarding<'a> {
+        static PEER: HeaderValue = HeaderValue::from_static("10.0.0.1");
         Forwarding {
-            peer: "10.0.0.1".parse().unwrap(),
+            peer: &PEER,
             https: false,
             request_id: id,
             forward_key,

@@ -11,6 +11,7 @@ mod forward;
 pub mod headers;
 pub mod upstream;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -46,10 +47,23 @@ pub fn full_body(bytes: impl Into<Bytes>) -> Body {
 }
 
 /// Where a connection came from.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
     pub https: bool,
+    /// The address as `X-Forwarded-For` carries it, made once per connection.
+    pub forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr, https: bool) -> Peer {
+        Peer {
+            addr,
+            https,
+            forwarded_for: HeaderValue::from_str(&addr.ip().to_string())
+                .expect("an IP address is a valid header value"),
+        }
+    }
 }
 
 /// What the record phase needs to know about a request.
@@ -69,7 +83,7 @@ struct Outcome {
 }
 
 /// Handles one request on the public listener.
-pub async fn handle(gateway: &Gateway, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+pub async fn handle(gateway: &Gateway, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
     let started = Instant::now();
     let request_id = request_id(req.headers().get(REQUEST_ID));
     let method = req.method().clone();
@@ -104,7 +118,7 @@ async fn process(
     gateway: &Gateway,
     snapshot: &Snapshot,
     mut req: Request<Incoming>,
-    peer: Peer,
+    peer: &Peer,
     request_id: &HeaderValue,
 ) -> (Response<Body>, Outcome) {
     let client_upgrade = forward::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
@@ -228,7 +242,7 @@ async fn process(
     headers::to_upstream(
         &mut parts.headers,
         &Forwarding {
-            peer: peer.addr.ip(),
+            peer: &peer.forwarded_for,
             https: peer.https,
             request_id,
             forward_key: upstream.forward_key(),
@@ -297,7 +311,7 @@ async fn limit(
     method: &Method,
     uri: &http::Uri,
     headers: &http::HeaderMap,
-    peer: Peer,
+    peer: &Peer,
     now: i64,
 ) -> Option<Verdict> {
     let mut verdict: Option<Verdict> = None;
@@ -412,5 +426,10 @@ fn request_id(sent: Option<&HeaderValue>) -> HeaderValue {
         hex::encode(random)
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::from_str(&format!("{prefix}-{n:x}")).expect("hex is a valid header value")
+    // Written on the stack: "<12 hex>-<up to 16 hex>".
+    let mut id = [0u8; 29];
+    let mut rest: &mut [u8] = &mut id;
+    write!(rest, "{prefix}-{n:x}").expect("29 bytes hold the id");
+    let len = 29 - rest.len();
+    HeaderValue::from_bytes(&id[..len]).expect("hex is a valid header value")
 }
