@@ -232,7 +232,9 @@ fn resolve_dev_key(
     let key = keys
         .lookup(&Digest::of(secret))
         .ok_or(Rejection::UnknownKey)?;
-    if key.kind != KeyKind::Dev {
+    // Dev keys are not rotated today; a previous secret past its deadline is refused all the
+    // same, as for API keys.
+    if key.kind != KeyKind::Dev || key.secret_valid_until().is_some_and(|until| until <= now) {
         return Err(Rejection::UnknownKey);
     }
     if project != Some(&*key.project) {
