@@ -51,9 +51,29 @@ pub fn install() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Another recorder may be installed already (an embedding application); then keygate's
         // own handle simply renders nothing.
-        let _ = metrics::set_global_recorder(recorder);
+        if metrics::set_global_recorder(recorder).is_ok() {
+            spawn_upkeep(handle.clone());
+        }
         handle
     })
+}
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Histogram samples wait in a queue until they are folded into their buckets, which a scrape
+/// does, or this thread: without it, a gateway nobody scrapes would keep every sample of every
+/// request in memory.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("keygate-metrics".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_EVERY);
+            handle.run_upkeep();
+        });
+    if let Err(err) = spawned {
+        tracing::warn!(error = %err, "cannot start the metrics upkeep thread; histograms are folded only when scraped");
+    }
 }
 
 /// `2xx`, `4xx`…: a bounded label for a status.
