@@ -341,3 +341,54 @@ async fn postgres_resync_applies_what_the_feed_missed() {
     let store = db.open().await;
     resync_applies_what_the_feed_missed(store, Backdoor::Postgres(db.client().await)).await;
 }
+
+/// When PostgreSQL's listening connection comes back, the feed has lost track of what changed
+/// meanwhile: the gateway then streams every key again and sweeps, rather than having the feed
+/// report every key in one batch (a memory spike at a million keys). A row deleted behind the
+/// store's back (no notification, no deletion log) is what only the sweep notices.
+#[tokio::test]
+async fn postgres_feed_loss_reloads_every_key_with_a_sweep() {
+    let Some(db) = PgDb::fresh().await else {
+        return;
+    };
+    let store = db.open().await;
+    let (a, a_secret) = new_key("demo", "a", &["users.read"]);
+    let (b, b_secret) = new_key("demo", "b", &["users.read"]);
+    for key in [a, b] {
+        store.create(key, Actor::CLI).await.unwrap();
+    }
+    let snapshot = Snapshot::parse(Path::new("keygate.yaml"), CONFIG).unwrap();
+    let gateway = Gateway::with_store(snapshot, store.clone()).await.unwrap();
+    let keys = gateway.keys();
+    assert_eq!(keys.len(), 2);
+
+    db.client()
+        .await
+        .batch_execute("DELETE FROM keys WHERE project = 'demo' AND id = 'b'")
+        .await
+        .unwrap();
+    // The feed heard nothing: a sync leaves the cache as it was.
+    gateway.sync_once().await.unwrap();
+    assert!(keys.lookup(&b_secret.digest()).is_some());
+
+    // The listener's connection drops; once it is back, the next sync reloads every key.
+    let killed = db.terminate_connections().await;
+    assert!(killed >= 1, "no connection terminated");
+    let swept = common::eventually(std::time::Duration::from_secs(15), || async {
+        let _ = gateway.sync_once().await;
+        keys.lookup(&b_secret.digest()).is_none()
+    })
+    .await;
+    assert!(
+        swept.is_some(),
+        "b, deleted behind the feed, is still cached"
+    );
+    assert!(keys.lookup(&a_secret.digest()).is_some());
+    assert_eq!(keys.len(), 1);
+    // The resync acknowledged the feed's marker: the next sync is an ordinary one, which applies
+    // the one change (a resync would report both keys).
+    let (c, c_secret) = new_key("demo", "c", &["users.read"]);
+    store.create(c, Actor::CLI).await.unwrap();
+    assert_eq!(gateway.sync_once().await.unwrap(), 1);
+    assert!(keys.lookup(&c_secret.digest()).is_some());
+}

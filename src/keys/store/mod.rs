@@ -165,6 +165,13 @@ pub trait KeyStore: Send + Sync + 'static {
     }
     /// Changes after `cursor`, oldest first, and the position after the last one.
     async fn changes_since(&self, cursor: Cursor) -> Result<(Vec<Change>, Cursor), StoreError>;
+    /// True when the feed lost track of changes after `cursor` (notifications missed while a
+    /// listener was down, or a queue that overflowed): `changes_since` would then report every
+    /// key at once, so a caller that holds every key (the gateway's cache) streams them all
+    /// again instead ([`KeyStore::load_each`]). Stores whose feed never loses track say false.
+    fn feed_lost_since(&self, _cursor: Cursor) -> bool {
+        false
+    }
     /// Cheap liveness check.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Inserts a record exactly as given (digests, previous secret, timestamps, usage), for a

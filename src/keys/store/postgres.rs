@@ -30,9 +30,12 @@
 //! one consumer, the gateway's sync loop).
 //!
 //! Notifications sent while the listening connection is down are lost, so when it comes back
-//! (it reconnects with backoff) it appends a *resync marker*. `changes_since` expands a marker
-//! into a change for every key now in the table (catching creates and updates made during the
-//! outage) plus one for every key deleted since the last point known to have been heard: deletes
+//! (it reconnects with backoff) it appends a *resync marker*. `feed_lost_since` tells the
+//! gateway, which then streams every key again (its resync) rather than asking for the changes:
+//! at a million keys, reading them all in one query is a memory spike. For other callers,
+//! `changes_since` expands a marker into a change for every key now in the table (catching
+//! creates and updates made during the outage) plus one for every key deleted since the last
+//! point known to have been heard: deletes
 //! also write `key_deletions` (`seq`, project, id, time; pruned after a week) in their
 //! transaction, and the listener's periodic ping reads the log's highest `seq`, which counts as
 //! heard one ping later (every notification committed before that reading has been read by
@@ -552,6 +555,16 @@ impl Feed {
 
     fn head(&self) -> i64 {
         self.state.lock().map(|s| s.head).unwrap_or(0)
+    }
+
+    /// Whether a resync marker lies after `cursor`.
+    fn lost_after(&self, cursor: Cursor) -> bool {
+        self.state.lock().is_ok_and(|state| {
+            state
+                .entries
+                .iter()
+                .any(|(seq, e)| *seq > cursor.0 && matches!(e, Entry::Resync { .. }))
+        })
     }
 
     /// Drops entries up to `cursor` (acknowledged) and returns the ones after it.
@@ -1318,6 +1331,10 @@ impl KeyStore for PostgresStore {
                 return Ok(cursor);
             }
         }
+    }
+
+    fn feed_lost_since(&self, cursor: Cursor) -> bool {
+        self.feed.lost_after(cursor)
     }
 
     async fn changes_since(&self, cursor: Cursor) -> Result<(Vec<Change>, Cursor), StoreError> {
