@@ -152,6 +152,16 @@ impl Gateway {
         if next.ops_listen != previous.ops_listen {
             tracing::warn!("ops.listen changed: the ops listener moves at the next restart");
         }
+        let (was, now) = (&previous.server, &next.server);
+        if next.listen == previous.listen
+            && (now.workers != was.workers || now.max_connections != was.max_connections)
+        {
+            tracing::warn!(
+                workers = now.workers,
+                max_connections = now.max_connections,
+                "server.workers or server.max_connections changed: they apply when the public listener is next bound (a new server.listen, or a restart)"
+            );
+        }
         let grew = next.scopes.grew_since(&previous.scopes);
         if next.rate_limits != previous.rate_limits {
             self.limits
