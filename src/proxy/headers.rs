@@ -30,11 +30,6 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Removes hop-by-hop headers, including any that `Connection` names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    remove_where(headers, |_| false);
-}
-
 /// The names `Connection` lists (the rare request that has any).
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
@@ -46,9 +41,9 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// Removes hop-by-hop headers (and `Upgrade`) and those `also` picks, in one pass over the
-/// names present: a request carries a handful of headers, so comparing each with the short
-/// lists is cheaper than hashing every name that might be there.
+/// Removes hop-by-hop headers (and `Upgrade`), including any that `Connection` names, and those
+/// `also` picks, in one pass over the names present: a request carries a handful of headers, so
+/// comparing each with the short lists is cheaper than hashing every name that might be there.
 fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     let listed = connection_listed(headers);
     let doomed: Vec<HeaderName> = headers
@@ -179,7 +174,7 @@ mod tests {
             ("te", "trailers"),
             ("x-kept", "1"),
         ]);
-        strip_hop_by_hop(&mut h);
+        remove_where(&mut h, |_| false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
     }
