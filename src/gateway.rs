@@ -196,12 +196,12 @@ impl Gateway {
 
     /// Applies every change recorded since the last call; returns how many were applied.
     pub async fn sync_once(&self) -> Result<usize, StoreError> {
-        let lost = self.store.feed_lost_since(*self.cursor.lock().await);
-        if lost {
+        let mut cursor = self.cursor.lock().await;
+        if self.store.feed_lost_since(*cursor) {
+            drop(cursor);
             tracing::info!("the change feed lost track of changes; reloading every key");
             return self.resync().await;
         }
-        let mut cursor = self.cursor.lock().await;
         let (changes, next) = self.store.changes_since(*cursor).await?;
         if changes.is_empty() {
             return Ok(0);
