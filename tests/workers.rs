@@ -99,6 +99,16 @@ impl Setup {
     }
 }
 
+/// Waits until the process has exactly `n` worker threads; fails, naming `what`, after `within`.
+async fn expect_worker_threads(pid: u32, n: usize, within: Duration, what: &str) {
+    let reached = eventually(within, || async { worker_threads(pid) == n }).await;
+    assert!(
+        reached.is_some(),
+        "{what}: expected {n} {WORKER_PREFIX}* threads, found {}",
+        worker_threads(pid)
+    );
+}
+
 /// The process's threads whose name starts with `keygate-worker-` (Linux truncates thread
 /// names to 15 bytes, so `keygate-worker-0` reads as `keygate-worker-`).
 fn worker_threads(pid: u32) -> usize {
@@ -211,15 +221,7 @@ async fn three_workers_serve_48_keep_alive_clients() {
     let gateway = setup.start().await;
     let pid = gateway.pid();
     // The threads are spawned right after the listening line is logged.
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            worker_threads(pid) == 3
-        })
-        .await
-        .is_some(),
-        "expected 3 {WORKER_PREFIX}* threads, found {}",
-        worker_threads(pid)
-    );
+    expect_worker_threads(pid, 3, Duration::from_secs(5), "at start").await;
 
     let mut clients = Vec::new();
     for client in 0..48 {
@@ -256,15 +258,7 @@ async fn the_connection_limit_is_shared_by_all_workers() {
     let setup = Setup::new(r#"listen: "127.0.0.1:0", workers: 2, max_connections: 2"#).await;
     let gateway = setup.start().await;
     let pid = gateway.pid();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            worker_threads(pid) == 2
-        })
-        .await
-        .is_some(),
-        "expected 2 {WORKER_PREFIX}* threads, found {}",
-        worker_threads(pid)
-    );
+    expect_worker_threads(pid, 2, Duration::from_secs(5), "at start").await;
     let key = Some(setup.secret.as_str());
 
     // Two connections that were answered: they hold both permits, whichever threads took them.
@@ -307,15 +301,7 @@ async fn a_reload_that_changes_the_address_rebinds_the_workers() {
         .ops_addr
         .expect("the ops listener's address in the log");
     let key = setup.secret.clone();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            worker_threads(pid) == 2
-        })
-        .await
-        .is_some(),
-        "expected 2 {WORKER_PREFIX}* threads, found {}",
-        worker_threads(pid)
-    );
+    expect_worker_threads(pid, 2, Duration::from_secs(5), "at start").await;
     // The first threads serve, and proxy: they hold upstream connections when the re-bind comes.
     let mut conn = Conn::open(old).await;
     conn.get("/v1/users", None)
@@ -368,15 +354,7 @@ async fn a_reload_that_changes_the_address_rebinds_the_workers() {
         "the old address {old} still accepts connections"
     );
     // The old listener's threads end; the new listener's two remain.
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            worker_threads(pid) == 2
-        })
-        .await
-        .is_some(),
-        "expected 2 {WORKER_PREFIX}* threads after the re-bind, found {}",
-        worker_threads(pid)
-    );
+    expect_worker_threads(pid, 2, Duration::from_secs(10), "after the re-bind").await;
     // The new threads keep proxying once the old threads (and what ran on them) are gone.
     for n in 1..=8 {
         let mut conn = Conn::open(new).await;
@@ -391,15 +369,7 @@ async fn sigterm_stops_every_worker_with_idle_connections_open() {
     let setup = Setup::new(r#"listen: "127.0.0.1:0", workers: 2, shutdown_grace: 30s"#).await;
     let mut gateway = setup.start().await;
     let pid = gateway.pid();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            worker_threads(pid) == 2
-        })
-        .await
-        .is_some(),
-        "expected 2 {WORKER_PREFIX}* threads, found {}",
-        worker_threads(pid)
-    );
+    expect_worker_threads(pid, 2, Duration::from_secs(5), "at start").await;
 
     // Idle keep-alive connections, each answered once.
     let mut idle = Vec::new();
@@ -548,14 +518,13 @@ async fn a_request_on_the_rebound_listener_survives_the_old_thread_ending() {
     write(&new.to_string());
     let (status, body) = post_reload(ops).await;
     assert_eq!(status, 200, "{body}");
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            worker_threads(pid) == 2
-        })
-        .await
-        .is_some(),
-        "the new listener's thread did not start"
-    );
+    expect_worker_threads(
+        pid,
+        2,
+        Duration::from_secs(10),
+        "the new listener's thread did not start",
+    )
+    .await;
     // On the new listener: sent on the idle upstream connection the first thread drives.
     let mut third = Conn::open(new).await;
     let sent = tokio::spawn(third.get("/v1/new", None));
@@ -565,14 +534,13 @@ async fn a_request_on_the_rebound_listener_survives_the_old_thread_ending() {
     // The old request is answered: the first thread finishes draining and ends.
     let _ = old_request.release.send(());
     assert_eq!(in_flight.await.unwrap().status, 200);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            worker_threads(pid) == 1
-        })
-        .await
-        .is_some(),
-        "the old listener's thread did not end"
-    );
+    expect_worker_threads(
+        pid,
+        1,
+        Duration::from_secs(10),
+        "the old listener's thread did not end",
+    )
+    .await;
     let _ = new_request.release.send(());
     let response = tokio::time::timeout(Duration::from_secs(10), sent)
         .await
