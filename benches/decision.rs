@@ -5,14 +5,17 @@
 //! Setup (config parse, key generation, cache fill, ephemeral minting) happens outside every
 //! timed closure.
 
+mod common;
+
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::{HeaderMap, HeaderValue, Method, Uri};
 
 use keygate::auth::decide;
+
 use keygate::config::Snapshot;
 use keygate::keys::cache::KeyCache;
 use keygate::keys::{Digest, KeyKind, KeyRecord, Secret};
@@ -81,28 +84,12 @@ fn key_headers(secret: &str) -> HeaderMap {
 /// The temp dir is returned so it outlives the snapshot's use.
 fn appwrite_snapshot() -> (tempfile::TempDir, Snapshot) {
     let dir = tempfile::tempdir().unwrap();
-    let include = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/appwrite.yaml");
-    let config = dir.path().join("keygate.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"include: ["{include}"]
-server: {{ listen: "127.0.0.1:0" }}
-store: {{ url: "sqlite://{db}" }}
-projects:
-  demo: {{}}
-keys:
-  implicit_scopes: [global, health.read, graphql]
-  ephemeral_secret: "bench-ephemeral-secret-0123456789abcdef"
-upstreams:
-  appwrite: {{ url: "http://127.0.0.1:9", forward_key: true, timeout: 30s }}
-routes: []
-"#,
-            include = include.display(),
-            db = dir.path().join("keys.db").display(),
-        ),
-    )
-    .unwrap();
+    let config = common::write_appwrite_config(
+        dir.path(),
+        &dir.path().join("keys.db"),
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+    );
     let snapshot = Snapshot::load(&config).unwrap();
     assert!(
         snapshot.routes.len() > 700,

@@ -15,6 +15,8 @@
 //! `KEYS=n` in the environment changes the key count (default 1 000 000); `STARTUP_DB=path`
 //! keeps the store file there and reuses it on the next run (for profiling the binary).
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -100,33 +102,6 @@ fn record(i: usize) -> KeyRecord {
     }
 }
 
-fn write_config(dir: &Path, db: &Path, listen: SocketAddr, ops: SocketAddr) -> PathBuf {
-    let include = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/appwrite.yaml");
-    let path = dir.join("keygate.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"include: ["{include}"]
-server: {{ listen: "{listen}" }}
-ops: {{ listen: "{ops}" }}
-store: {{ url: "sqlite://{db}" }}
-projects:
-  demo: {{}}
-keys:
-  implicit_scopes: [global, health.read, graphql]
-  ephemeral_secret: "bench-ephemeral-secret-0123456789abcdef"
-upstreams:
-  appwrite: {{ url: "http://127.0.0.1:9", forward_key: true, timeout: 30s }}
-routes: []
-"#,
-            include = include.display(),
-            db = db.display(),
-        ),
-    )
-    .unwrap();
-    path
-}
-
 /// A free loopback port (bound, read, released).
 fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
@@ -205,7 +180,7 @@ fn main() {
     let index = {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("unused.db");
-        let cfg = write_config(dir.path(), &db, free_addr(), free_addr());
+        let cfg = common::write_appwrite_config(dir.path(), &db, free_addr(), Some(free_addr()));
         Snapshot::load(&cfg).unwrap().scopes
     };
     let before = status_kb(&me, "VmRSS").unwrap();
@@ -262,7 +237,7 @@ fn main() {
     }
 
     // In process: config load, then Gateway::start (store open + streamed load into the cache).
-    let cfg = write_config(dir.path(), &db, free_addr(), free_addr());
+    let cfg = common::write_appwrite_config(dir.path(), &db, free_addr(), Some(free_addr()));
     let parsed = Instant::now();
     let snapshot = Snapshot::load(&cfg).unwrap();
     let parsed = parsed.elapsed();
@@ -314,7 +289,7 @@ fn main() {
     let mut times = Vec::new();
     for run in 1..=BINARY_RUNS {
         let ops = free_addr();
-        let cfg = write_config(dir.path(), &db, free_addr(), ops);
+        let cfg = common::write_appwrite_config(dir.path(), &db, free_addr(), Some(ops));
         let spawned = Instant::now();
         let mut child = Command::new(binary)
             .args(["serve", "--config"])
