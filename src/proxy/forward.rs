@@ -6,14 +6,14 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use super::upstream::Upstream;
+use super::upstream::{SendError, Upstream};
 use super::{headers, Body, BoxError};
 use crate::error::Rejection;
 use crate::metrics as m;
@@ -116,8 +116,14 @@ pub async fn forward(
         } else {
             headers.take().unwrap_or_default()
         };
+        if let Entry::Vacant(host) = request.headers_mut().entry(header::HOST) {
+            // An HTTP/1.0 client may send none; HTTP/1.1 requires one.
+            if let Ok(value) = HeaderValue::from_str(target.authority().as_str()) {
+                host.insert(value);
+            }
+        }
 
-        let result = tokio::time::timeout(upstream.timeout(), upstream.request(request)).await;
+        let result = tokio::time::timeout(upstream.timeout(), upstream.send(target, request)).await;
         match result {
             Ok(Ok(mut response)) => {
                 upstream.report(index, true);
@@ -181,8 +187,8 @@ fn eject_if_due(upstream: &Upstream, index: usize) {
 }
 
 /// Whether a client error came from the request body exceeding the route's limit.
-fn too_large(err: &hyper_util::client::legacy::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+fn too_large(err: &SendError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if e.is::<http_body_util::LengthLimitError>() {
             return true;

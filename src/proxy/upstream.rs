@@ -7,22 +7,36 @@
 //! the hand-off to the upstream connection is a local wake-up, never a cross-thread one, and a
 //! thread's pooled connections end with the thread (and its runtime), never under another
 //! thread's request.
+//!
+//! The pool is a stack of idle HTTP/1.1 connections per address. A connection goes back when
+//! its response body has been read to the end ([`PooledBody`]), is taken most recently used
+//! first, and is closed instead of reused once the upstream has closed it or it has been idle
+//! for [`IDLE_TIMEOUT`]. A request that a reused connection could not send (the upstream closed
+//! it at that moment) is sent again on another connection.
 
 use std::cell::RefCell;
+use std::error::Error as _;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::Uri;
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use tower_service::Service as _;
 
-use super::Body;
+use super::{Body, BoxError};
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+/// How long a pooled connection may sit idle before it is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per address on each thread; more are closed when they come back.
+const MAX_IDLE: usize = 256;
 
 /// How requests are spread over an upstream's addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +60,45 @@ pub struct UpstreamSettings {
     pub ca_pem: Option<Vec<u8>>,
 }
 
+/// How an upstream request failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made (refused, unreachable, connect timeout, TLS handshake).
+    Connect(BoxError),
+    /// The connection failed while sending the request or reading the response head.
+    Http(hyper::Error),
+}
+
+impl SendError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(err) => write!(f, "connect: {err}")?,
+            SendError::Http(err) => write!(f, "{err}")?,
+        }
+        let mut source = self.source().and_then(|s| s.source());
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SendError::Connect(err) => Some(err.as_ref()),
+            SendError::Http(err) => Some(err),
+        }
+    }
+}
+
 type Connector = HttpsConnector<HttpConnector>;
 
 /// How an upstream connects; shared by the upstream's versions across reloads while its
@@ -54,10 +107,157 @@ struct Pools {
     connector: Connector,
 }
 
+/// One thread's idle connections for one [`Pools`], per address.
+struct ThreadPool {
+    owner: Weak<Pools>,
+    /// Per address: idle connections, the most recently used last.
+    idle: Vec<(Arc<Target>, Vec<Idle>)>,
+}
+
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+impl ThreadPool {
+    fn idle_for(&mut self, target: &Arc<Target>) -> &mut Vec<Idle> {
+        let index = match self.idle.iter().position(|(t, _)| t.same_address(target)) {
+            Some(index) => index,
+            None => {
+                self.idle.push((target.clone(), Vec::new()));
+                self.idle.len() - 1
+            }
+        };
+        &mut self.idle[index].1
+    }
+}
+
 thread_local! {
-    /// This thread's pool for each upstream it has sent to; pools of upstreams that no config
-    /// holds any more are dropped when the next pool is made.
-    static POOLS: RefCell<Vec<(Weak<Pools>, UpstreamClient)>> = const { RefCell::new(Vec::new()) };
+    /// This thread's pools; those of upstreams that no config holds any more are dropped when
+    /// the next pool is made.
+    static POOLS: RefCell<Vec<ThreadPool>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's pool for `owner`, making it on first use.
+fn with_thread_pool<R>(owner: &Arc<Pools>, f: impl FnOnce(&mut ThreadPool) -> R) -> R {
+    POOLS.with_borrow_mut(|pools| {
+        let mine = Arc::as_ptr(owner);
+        let index = match pools.iter().position(|p| p.owner.as_ptr() == mine) {
+            Some(index) => index,
+            None => {
+                pools.retain(|p| p.owner.strong_count() > 0);
+                pools.push(ThreadPool {
+                    owner: Arc::downgrade(owner),
+                    idle: Vec::new(),
+                });
+                pools.len() - 1
+            }
+        };
+        f(&mut pools[index])
+    })
+}
+
+/// A reusable idle connection to `target` from this thread's pool, if there is one.
+fn checkout(owner: &Arc<Pools>, target: &Arc<Target>) -> Option<SendRequest<Body>> {
+    with_thread_pool(owner, |pool| {
+        let idle = pool.idle_for(target);
+        while let Some(conn) = idle.pop() {
+            // Closed by the upstream, or idle too long: dropping the sender closes it.
+            if conn.sender.is_ready() && conn.since.elapsed() < IDLE_TIMEOUT {
+                return Some(conn.sender);
+            }
+        }
+        None
+    })
+}
+
+/// Puts a connection whose exchange is complete back into this thread's pool. One that is not
+/// ready yet (the request body is still being sent) goes back once it is.
+fn checkin(owner: Weak<Pools>, target: Arc<Target>, mut sender: SendRequest<Body>) {
+    if sender.is_closed() {
+        return;
+    }
+    if !sender.is_ready() {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if sender.ready().await.is_ok() {
+                    checkin(owner, target, sender);
+                }
+            });
+        }
+        return;
+    }
+    let Some(owner) = owner.upgrade() else {
+        return;
+    };
+    let now = Instant::now();
+    with_thread_pool(&owner, |pool| {
+        let idle = pool.idle_for(&target);
+        let expired = idle
+            .iter()
+            .take_while(|conn| now.duration_since(conn.since) >= IDLE_TIMEOUT)
+            .count();
+        let over = (idle.len() + 1).saturating_sub(MAX_IDLE);
+        idle.drain(..expired.max(over));
+        idle.push(Idle { sender, since: now });
+    });
+}
+
+/// An upstream response body that returns its connection to the pool once it has been read to
+/// the end. Dropped before the end, it takes the connection with it (HTTP/1.1 cannot abandon a
+/// response half-read).
+pub struct PooledBody {
+    inner: Incoming,
+    reuse: Option<Reuse>,
+}
+
+struct Reuse {
+    owner: Weak<Pools>,
+    target: Arc<Target>,
+    sender: SendRequest<Body>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some(reuse) = self.reuse.take() {
+            checkin(reuse.owner, reuse.target, reuse.sender);
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Err(_)) => self.reuse = None,
+            None => self.release(),
+            Some(Ok(_)) if self.inner.is_end_stream() => self.release(),
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
 }
 
 /// One address of an upstream and its health.
@@ -65,6 +265,8 @@ thread_local! {
 pub struct Target {
     scheme: Scheme,
     authority: Authority,
+    /// `scheme://authority`, what the connector dials.
+    address: Uri,
     /// A path prefix from the URL, without a trailing `/` (often empty).
     prefix: String,
     outstanding: AtomicUsize,
@@ -78,7 +280,8 @@ impl Target {
         &self.authority
     }
 
-    /// The upstream URI for a normalized path and the client's raw query.
+    /// The origin-form request target (`/prefix/path?query`) for a normalized path and the
+    /// client's raw query.
     pub fn uri_for(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let mut target =
             String::with_capacity(self.prefix.len() + path.len() + 1 + query.map_or(0, str::len));
@@ -88,11 +291,13 @@ impl Target {
             target.push('?');
             target.push_str(query);
         }
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(PathAndQuery::try_from(target)?)
-            .build()
+        Ok(Uri::from(PathAndQuery::try_from(target)?))
+    }
+
+    /// Whether two targets are the same address (their connections are interchangeable).
+    fn same_address(&self, other: &Target) -> bool {
+        std::ptr::eq(self, other)
+            || (self.scheme == other.scheme && self.authority == other.authority)
     }
 
     fn resting(&self, now: u64) -> bool {
@@ -151,9 +356,16 @@ fn parse_target(url: &str) -> Result<Target, String> {
     if uri.query().is_some() {
         return Err("an upstream URL cannot carry a query".into());
     }
+    let address = Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query("/")
+        .build()
+        .map_err(|e| e.to_string())?;
     Ok(Target {
         scheme,
         authority,
+        address,
         prefix: uri.path().trim_end_matches('/').to_owned(),
         outstanding: AtomicUsize::new(0),
         failures: AtomicU32::new(0),
@@ -212,26 +424,55 @@ impl Upstream {
         &self.targets
     }
 
-    /// Sends a request on the calling thread's pool for this upstream.
-    pub fn request(
+    /// Sends `request` (origin-form target, `Host` set) to `target` on an idle connection
+    /// from this thread's pool, or a new one. A request that a pooled connection closed before
+    /// sending (the upstream ended it while idle) is sent again on another.
+    pub async fn send(
         &self,
-        request: http::Request<Body>,
-    ) -> hyper_util::client::legacy::ResponseFuture {
-        POOLS.with(|pools| {
-            let mut pools = pools.borrow_mut();
-            let mine = Arc::as_ptr(&self.pools);
-            if let Some((_, client)) = pools.iter().find(|(key, _)| key.as_ptr() == mine) {
-                return client.request(request);
+        target: &Arc<Target>,
+        mut request: Request<Body>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        loop {
+            let (mut sender, reused) = match checkout(&self.pools, target) {
+                Some(sender) => (sender, true),
+                None => (self.connect(target).await?, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    // After a switch of protocols the connection belongs to the upgrade.
+                    let reuse =
+                        (response.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Reuse {
+                            owner: Arc::downgrade(&self.pools),
+                            target: target.clone(),
+                            sender,
+                        });
+                    let (parts, inner) = response.into_parts();
+                    return Ok(Response::from_parts(parts, PooledBody { inner, reuse }));
+                }
+                Err(mut err) => match err.take_message() {
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(SendError::Http(err.into_error())),
+                },
             }
-            pools.retain(|(key, _)| key.strong_count() > 0);
-            let client = Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(256)
-                .build(self.pools.connector.clone());
-            let response = client.request(request);
-            pools.push((Arc::downgrade(&self.pools), client));
-            response
-        })
+        }
+    }
+
+    /// Opens a connection to `target`; a task on this thread drives it.
+    async fn connect(&self, target: &Target) -> Result<SendRequest<Body>, SendError> {
+        let io = self
+            .pools
+            .connector
+            .clone()
+            .call(target.address.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let (sender, connection) = http1::handshake(io).await.map_err(SendError::Http)?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.with_upgrades().await {
+                tracing::debug!(error = %err, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 
     /// Picks an address, skipping `exclude` (already tried) and resting addresses — unless
@@ -359,7 +600,7 @@ mod tests {
                 .uri_for("/v1/users", Some("limit=1"))
                 .unwrap()
                 .to_string(),
-            "http://127.0.0.1:8081/api/v1/users?limit=1"
+            "/api/v1/users?limit=1"
         );
     }
 
