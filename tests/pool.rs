@@ -1,7 +1,7 @@
 //! The upstream connection pool, judged by what a raw HTTP/1.1 upstream sees: connections are
 //! reused once an exchange is complete (bodiless answers included), a connection the upstream
 //! closed while idle is never sent on, and a connection whose response was abandoned half-read
-//! is never handed to another request.
+//! is never handed to another request, and one left idle past `idle_timeout` is closed.
 
 mod common;
 
@@ -14,7 +14,7 @@ use common::Harness;
 use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 const ONE_ROUTE: &str = r#"
 server: { listen: "127.0.0.1:0" }
@@ -43,21 +43,35 @@ type Script = fn(connection: usize, method: &str, path: &str) -> (&'static str, 
 /// number of the connection it came on (0 for the first accepted). Returns its address and the
 /// count of connections accepted.
 async fn scripted_upstream(script: Script) -> (SocketAddr, Arc<AtomicUsize>) {
+    let (addr, accepted, _) = scripted_upstream_watching_closes(script).await;
+    (addr, accepted)
+}
+
+/// [`scripted_upstream`], also telling (by connection number) each connection keygate closed.
+async fn scripted_upstream_watching_closes(
+    script: Script,
+) -> (SocketAddr, Arc<AtomicUsize>, mpsc::UnboundedReceiver<usize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
+    let (closed_tx, closed) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let connection = count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(serve(stream, connection, script));
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                if serve(stream, connection, script).await {
+                    let _ = closed.send(connection);
+                }
+            });
         }
     });
-    (addr, accepted)
+    (addr, accepted, closed)
 }
 
-/// Serves one connection as the script says.
-async fn serve(mut stream: TcpStream, connection: usize, script: Script) {
+/// Serves one connection as the script says; true when keygate closed it.
+async fn serve(mut stream: TcpStream, connection: usize, script: Script) -> bool {
     let mut pending = Vec::new();
     loop {
         let head_end = loop {
@@ -66,7 +80,8 @@ async fn serve(mut stream: TcpStream, connection: usize, script: Script) {
             }
             let mut buf = [0u8; 4096];
             match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) => return true,
+                Err(_) => return false,
                 Ok(n) => pending.extend_from_slice(&buf[..n]),
             }
         };
@@ -76,11 +91,11 @@ async fn serve(mut stream: TcpStream, connection: usize, script: Script) {
         let (method, path) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
         let (answer, after) = script(connection, method, path);
         if stream.write_all(answer.as_bytes()).await.is_err() {
-            return;
+            return false;
         }
         match after {
             After::KeepOpen => continue,
-            After::Close => return,
+            After::Close => return false,
             After::Hold => {
                 // Keeps the connection open, silent, for as long as the test runs.
                 std::future::pending::<()>().await;
@@ -192,4 +207,26 @@ async fn a_response_abandoned_half_read_does_not_reach_the_next_request() {
         2,
         "the half-read connection is never reused; the next requests share a new one"
     );
+}
+
+#[tokio::test]
+async fn a_connection_idle_past_idle_timeout_is_closed() {
+    let (upstream, accepted, mut closed) =
+        scripted_upstream_watching_closes(|_, _, _| (OK, After::KeepOpen)).await;
+    let (stop, _) = oneshot::channel();
+    let config = ONE_ROUTE.replace("timeout: 5s", "timeout: 5s, idle_timeout: 300ms");
+    let h = Harness::start_in_front_of(&config, upstream, stop).await;
+
+    let response = h.request(Method::GET, "/v1/a", &[], "").await;
+    assert_eq!(response.status, 200);
+    // No further request comes; keygate closes the idle connection on its own.
+    let gone = tokio::time::timeout(Duration::from_secs(5), closed.recv())
+        .await
+        .expect("the idle connection is closed within 5 s");
+    assert_eq!(gone, Some(0));
+
+    // The next request opens a new connection and succeeds.
+    let response = h.request(Method::GET, "/v1/a", &[], "").await;
+    assert_eq!(response.status, 200);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }

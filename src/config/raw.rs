@@ -184,6 +184,8 @@ pub(crate) struct RawUpstream {
     pub timeout: Option<Text>,
     #[serde(default)]
     pub connect_timeout: Option<Text>,
+    #[serde(default)]
+    pub idle_timeout: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

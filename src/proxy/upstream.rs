@@ -11,7 +11,7 @@
 //! The pool is a stack of idle HTTP/1.1 connections per address. A connection goes back when
 //! its response body has been read to the end ([`PooledBody`]), is taken most recently used
 //! first, and is closed instead of reused once the upstream has closed it or it has been idle
-//! for [`IDLE_TIMEOUT`]. A request that a reused connection could not send (the upstream closed
+//! for the upstream's `idle_timeout`. A request that a reused connection could not send (the upstream closed
 //! it at that moment) is sent again on another connection.
 
 use std::cell::RefCell;
@@ -33,10 +33,10 @@ use tower_service::Service as _;
 
 use super::{Body, BoxError};
 
-/// How long a pooled connection may sit idle before it is closed rather than reused.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per address on each thread; more are closed when they come back.
 const MAX_IDLE: usize = 256;
+/// How often, at most, each thread closes the connections that have idled too long.
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
 /// How requests are spread over an upstream's addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +53,8 @@ pub struct UpstreamSettings {
     pub forward_key: bool,
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// How long a pooled connection may sit idle before it is closed rather than reused.
+    pub idle_timeout: Duration,
     pub balance: Balance,
     pub eject_after: u32,
     pub eject_for: Duration,
@@ -105,6 +107,18 @@ type Connector = HttpsConnector<HttpConnector>;
 /// connection settings stay the same, and the key to each thread's pool for it.
 struct Pools {
     connector: Connector,
+    /// The upstream's current `idle_timeout`, in milliseconds (a reload may change it).
+    idle_timeout_ms: AtomicU64,
+}
+
+impl Pools {
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed))
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// One thread's idle connections for one [`Pools`], per address.
@@ -150,6 +164,11 @@ fn with_thread_pool<R>(owner: &Arc<Pools>, f: impl FnOnce(&mut ThreadPool) -> R)
                     owner: Arc::downgrade(owner),
                     idle: Vec::new(),
                 });
+                // Requests prune the pool as they pass; this closes what idled too long when
+                // none come.
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(sweep_idle(Arc::downgrade(owner)));
+                }
                 pools.len() - 1
             }
         };
@@ -157,13 +176,38 @@ fn with_thread_pool<R>(owner: &Arc<Pools>, f: impl FnOnce(&mut ThreadPool) -> R)
     })
 }
 
+/// Sweeps the calling thread's pool for `owner` until no config holds the upstream any more.
+async fn sweep_idle(owner: Weak<Pools>) {
+    loop {
+        let every = match owner.upgrade() {
+            Some(pools) => SWEEP_EVERY
+                .min(pools.idle_timeout() / 2)
+                .max(Duration::from_millis(10)),
+            None => return,
+        };
+        tokio::time::sleep(every).await;
+        let Some(pools) = owner.upgrade() else {
+            return;
+        };
+        let (now, timeout) = (Instant::now(), pools.idle_timeout());
+        with_thread_pool(&pools, |pool| {
+            for (_, idle) in &mut pool.idle {
+                idle.retain(|conn| {
+                    conn.sender.is_ready() && now.duration_since(conn.since) < timeout
+                });
+            }
+        });
+    }
+}
+
 /// A reusable idle connection to `target` from this thread's pool, if there is one.
 fn checkout(owner: &Arc<Pools>, target: &Arc<Target>) -> Option<SendRequest<Body>> {
+    let timeout = owner.idle_timeout();
     with_thread_pool(owner, |pool| {
         let idle = pool.idle_for(target);
         while let Some(conn) = idle.pop() {
             // Closed by the upstream, or idle too long: dropping the sender closes it.
-            if conn.sender.is_ready() && conn.since.elapsed() < IDLE_TIMEOUT {
+            if conn.sender.is_ready() && conn.since.elapsed() < timeout {
                 return Some(conn.sender);
             }
         }
@@ -190,12 +234,12 @@ fn checkin(owner: Weak<Pools>, target: Arc<Target>, mut sender: SendRequest<Body
     let Some(owner) = owner.upgrade() else {
         return;
     };
-    let now = Instant::now();
+    let (now, timeout) = (Instant::now(), owner.idle_timeout());
     with_thread_pool(&owner, |pool| {
         let idle = pool.idle_for(&target);
         let expired = idle
             .iter()
-            .take_while(|conn| now.duration_since(conn.since) >= IDLE_TIMEOUT)
+            .take_while(|conn| now.duration_since(conn.since) >= timeout)
             .count();
         let over = (idle.len() + 1).saturating_sub(MAX_IDLE);
         idle.drain(..expired.max(over));
@@ -394,9 +438,16 @@ impl Upstream {
                 && p.settings.ca_pem == settings.ca_pem
                 && p.needs_tls == needs_tls
         }) {
-            Some(previous) => previous.pools.clone(),
+            Some(previous) => {
+                let pools = previous.pools.clone();
+                pools
+                    .idle_timeout_ms
+                    .store(millis(settings.idle_timeout), Ordering::Relaxed);
+                pools
+            }
             None => Arc::new(Pools {
                 connector: build_connector(&settings, needs_tls)?,
+                idle_timeout_ms: AtomicU64::new(millis(settings.idle_timeout)),
             }),
         };
         Ok(Upstream {
@@ -581,6 +632,7 @@ mod tests {
             forward_key: false,
             timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(90),
             balance,
             eject_after: 2,
             eject_for: Duration::from_secs(60),
