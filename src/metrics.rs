@@ -1,8 +1,8 @@
 //! Metric names, in one place. Units are in the names; labels are bounded: route id, method,
 //! status class, outcome, upstream name, error kind — never a path, a key id or a secret.
 
+use hashbrown::HashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 

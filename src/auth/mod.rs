@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use http::{header, HeaderMap, Method, Uri};
+use http::{header, HeaderMap, HeaderName, Method, Uri};
 
 use crate::config::Snapshot;
 use crate::error::Rejection;
@@ -22,6 +22,10 @@ use crate::routes::Route;
 pub const KEY_HEADER: &str = "x-appwrite-key";
 pub const DEV_KEY_HEADER: &str = "x-appwrite-dev-key";
 pub const PROJECT_HEADER: &str = "x-appwrite-project";
+
+const KEY: HeaderName = HeaderName::from_static(KEY_HEADER);
+const DEV_KEY: HeaderName = HeaderName::from_static(DEV_KEY_HEADER);
+const PROJECT: HeaderName = HeaderName::from_static(PROJECT_HEADER);
 
 /// Who is calling.
 #[derive(Debug, Clone)]
@@ -114,8 +118,8 @@ pub fn decide<'s, 'r>(
         .find(method, &path)
         .ok_or(Rejection::RouteNotFound)?;
 
-    let key = single_header(headers, KEY_HEADER, "X-Appwrite-Key")?;
-    let header_project = single_header(headers, PROJECT_HEADER, "X-Appwrite-Project")?
+    let key = single_header(headers, &KEY, "X-Appwrite-Key")?;
+    let header_project = single_header(headers, &PROJECT, "X-Appwrite-Project")?
         .map(|v| {
             v.to_str()
                 .map_err(|_| Rejection::BadHeader("X-Appwrite-Project"))
@@ -159,7 +163,7 @@ pub fn decide<'s, 'r>(
         }
     };
 
-    let dev_key = match single_header(headers, DEV_KEY_HEADER, "X-Appwrite-Dev-Key")? {
+    let dev_key = match single_header(headers, &DEV_KEY, "X-Appwrite-Dev-Key")? {
         None => None,
         Some(value) => Some(resolve_dev_key(
             snapshot,
@@ -171,7 +175,7 @@ pub fn decide<'s, 'r>(
     };
 
     // Browsers name their origin; API keys and dev keys skip the check, as in Appwrite.
-    let origin = single_header(headers, "origin", "Origin")?;
+    let origin = single_header(headers, &header::ORIGIN, "Origin")?;
     if let Some(origin) = origin {
         let checked = matches!(principal, Principal::Guest) && dev_key.is_none();
         if checked && !origin_allowed(snapshot, project.as_deref(), origin.as_bytes()) {
@@ -273,7 +277,7 @@ fn check_authority(uri: &Uri, headers: &HeaderMap) -> Result<(), Rejection> {
 
 fn single_header<'h>(
     headers: &'h HeaderMap,
-    name: &'static str,
+    name: &HeaderName,
     display: &'static str,
 ) -> Result<Option<&'h http::HeaderValue>, Rejection> {
     let mut values = headers.get_all(name).iter();

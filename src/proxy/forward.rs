@@ -18,6 +18,9 @@ use super::{headers, Body, BoxError};
 use crate::error::Rejection;
 use crate::metrics as m;
 
+/// The most addresses one request is tried on.
+const MAX_TRIES: usize = 8;
+
 /// What the forward phase reports besides the response.
 pub struct Forwarded {
     pub elapsed: Duration,
@@ -90,12 +93,15 @@ pub async fn forward(
         None => body.map_err(BoxError::from).boxed(),
     });
     let mut headers = Some(headers);
-    let mut tried: Vec<usize> = Vec::new();
+    let most_tries = upstream.targets().len().min(MAX_TRIES);
+    let mut tried = [0usize; MAX_TRIES];
+    let mut tries = 0;
     loop {
-        let Some((index, _in_flight)) = upstream.pick(&tried) else {
+        let Some((index, _in_flight)) = upstream.pick(&tried[..tries]) else {
             return done(Err(Rejection::UpstreamUnavailable));
         };
-        tried.push(index);
+        tried[tries] = index;
+        tries += 1;
         let target = &upstream.targets()[index];
         let Ok(uri) = target.uri_for(path, query) else {
             return done(Err(Rejection::BadTarget(
@@ -157,7 +163,7 @@ pub async fn forward(
                     .increment(1);
                 tracing::warn!(upstream = upstream.name(), address = %target.authority(), error = %err, kind, "upstream request failed");
                 eject_if_due(upstream, index);
-                if replayable && tried.len() < upstream.targets().len() {
+                if replayable && tries < most_tries {
                     continue;
                 }
                 return done(Err(Rejection::UpstreamUnavailable));

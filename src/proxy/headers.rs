@@ -1,9 +1,12 @@
 //! Header rewriting between client and upstream, in one place: hop-by-hop headers, forwarding
 //! headers, identity headers and the API key.
 
+use std::cell::RefCell;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::auth::{DEV_KEY_HEADER, KEY_HEADER};
+use crate::keys::scopes::{ScopeIndex, ScopeSet};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const IDENTITY_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
@@ -61,6 +64,31 @@ fn remove_where(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     }
 }
 
+/// How many scope sets each thread keeps the header value of.
+const SCOPE_HEADERS_KEPT: usize = 32;
+
+thread_local! {
+    /// Recently sent scope sets and their header values, oldest first. A bit names the same
+    /// scope for the life of the process ([`ScopeIndex`]), so an entry never goes stale.
+    static SCOPE_HEADERS: RefCell<Vec<(ScopeSet, HeaderValue)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The `X-Keygate-Scopes` value for a scope set: its names in index order, comma-separated.
+/// Requests of the same key send the same set, so the value is made once per thread and set.
+pub fn scopes_header(index: &ScopeIndex, set: &ScopeSet) -> Option<HeaderValue> {
+    SCOPE_HEADERS.with_borrow_mut(|kept| {
+        if let Some((_, value)) = kept.iter().find(|(s, _)| s == set) {
+            return Some(value.clone());
+        }
+        let value = HeaderValue::from_str(&index.names_of(set).join(",")).ok()?;
+        if kept.len() == SCOPE_HEADERS_KEPT {
+            kept.remove(0);
+        }
+        kept.push((*set, value.clone()));
+        Some(value)
+    })
+}
+
 /// What the upstream should learn about the caller.
 pub struct Forwarding<'a> {
     /// The client's IP address, as a header value (made once per connection).
@@ -70,7 +98,8 @@ pub struct Forwarding<'a> {
     pub forward_key: bool,
     pub key_id: Option<&'a str>,
     pub project: Option<&'a str>,
-    pub scopes: &'a str,
+    /// The caller's scopes, comma-separated (see [`scopes_header`]).
+    pub scopes: Option<&'a HeaderValue>,
     /// Host for upstream requests that arrived without one (HTTP/2 sends `:authority`).
     pub authority: Option<&'a str>,
     /// An HTTP/1.1 upgrade: `Upgrade` is kept (it is what the upstream must agree to).
@@ -104,8 +133,8 @@ pub fn to_upstream(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
         if let Some(project) = fwd.project.and_then(|v| HeaderValue::from_str(v).ok()) {
             headers.insert(IDENTITY_PROJECT, project);
         }
-        if let Ok(scopes) = HeaderValue::from_str(fwd.scopes) {
-            headers.insert(IDENTITY_SCOPES, scopes);
+        if let Some(scopes) = fwd.scopes {
+            headers.insert(IDENTITY_SCOPES, scopes.clone());
         }
     }
 
@@ -141,6 +170,7 @@ mod tests {
 
     fn forwarding<'a>(id: &'a HeaderValue, forward_key: bool) -> Forwarding<'a> {
         static PEER: HeaderValue = HeaderValue::from_static("10.0.0.1");
+        static SCOPES: HeaderValue = HeaderValue::from_static("users.read");
         Forwarding {
             peer: &PEER,
             https: false,
@@ -148,7 +178,7 @@ mod tests {
             forward_key,
             key_id: Some("k1"),
             project: Some("demo"),
-            scopes: "users.read",
+            scopes: Some(&SCOPES),
             authority: None,
             upgrade: false,
         }
@@ -163,6 +193,21 @@ mod tests {
             );
         }
         map
+    }
+
+    #[test]
+    fn scopes_header_lists_the_names_of_a_set_and_keeps_it_per_thread() {
+        let mut index = ScopeIndex::default();
+        for name in ["users.read", "files.write", "files.read"] {
+            index.register(name).unwrap();
+        }
+        let set = index.compile(["users.read", "files.write"]).unwrap();
+        let value = scopes_header(&index, &set).unwrap();
+        assert_eq!(value, "users.read,files.write");
+        assert_eq!(scopes_header(&index, &set).unwrap(), value);
+        let other = index.compile(["files.write"]).unwrap();
+        assert_eq!(scopes_header(&index, &other).unwrap(), "files.write");
+        assert_eq!(scopes_header(&index, &ScopeSet::default()).unwrap(), "");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response};
+use http::{HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 
@@ -34,7 +34,7 @@ use crate::routes::RouteTarget;
 use headers::{Forwarding, REQUEST_ID};
 
 /// The header Appwrite SDKs name themselves in.
-const SDK_NAME: &str = "x-sdk-name";
+const SDK_NAME: HeaderName = HeaderName::from_static("x-sdk-name");
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of every response keygate sends.
@@ -231,10 +231,10 @@ async fn process(
             .unwrap_or(index),
     };
     let upstream = &snapshot.upstreams[upstream_index];
-    let scope_names = if upstream.forward_key() {
-        String::new()
+    let scopes = if upstream.forward_key() {
+        None
     } else {
-        snapshot.scopes.names_of(&decision.scopes).join(",")
+        headers::scopes_header(&snapshot.scopes, &decision.scopes)
     };
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     let path = decision.path.into_owned();
@@ -248,7 +248,7 @@ async fn process(
             forward_key: upstream.forward_key(),
             key_id: outcome.key_id.as_deref(),
             project: outcome.project.as_deref(),
-            scopes: &scope_names,
+            scopes: scopes.as_ref(),
             authority: authority.as_deref(),
             upgrade: client_upgrade.is_some(),
         },

@@ -530,29 +530,27 @@ impl Upstream {
     /// every other address rests, in which case resting ones are tried rather than none.
     pub fn pick(&self, exclude: &[usize]) -> Option<(usize, InFlight)> {
         let now = epoch_ms();
-        let open: Vec<usize> = (0..self.targets.len())
-            .filter(|i| !exclude.contains(i))
-            .collect();
-        let healthy: Vec<usize> = open
-            .iter()
-            .copied()
-            .filter(|i| !self.targets[*i].resting(now))
-            .collect();
-        let candidates = if healthy.is_empty() { open } else { healthy };
-        if candidates.is_empty() {
+        let n = self.targets.len();
+        let open = |i: &usize| !exclude.contains(i);
+        let healthy = |i: &usize| open(i) && !self.targets[*i].resting(now);
+        let any_healthy = (0..n).any(|i| healthy(&i));
+        let candidate = |i: &usize| if any_healthy { healthy(i) } else { open(i) };
+        let count = (0..n).filter(candidate).count();
+        if count == 0 {
             return None;
         }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
+        let mut from_start = (0..n)
+            .filter(candidate)
+            .skip(start)
+            .chain((0..n).filter(candidate).take(start));
         let chosen = match self.settings.balance {
-            Balance::RoundRobin => candidates[turn % candidates.len()],
+            Balance::RoundRobin => from_start.next(),
             Balance::LeastOutstanding => {
-                let start = turn % candidates.len();
-                (0..candidates.len())
-                    .map(|k| candidates[(start + k) % candidates.len()])
-                    .min_by_key(|i| self.targets[*i].outstanding.load(Ordering::Relaxed))
-                    .expect("candidates is not empty")
+                from_start.min_by_key(|i| self.targets[*i].outstanding.load(Ordering::Relaxed))
             }
-        };
+        }
+        .expect("count > 0 candidates");
         let target = self.targets[chosen].clone();
         target.outstanding.fetch_add(1, Ordering::Relaxed);
         Some((chosen, InFlight(target)))

@@ -7,7 +7,7 @@
 
 pub mod normalize;
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::sync::Arc;
 
 use http::Method;
@@ -252,7 +252,11 @@ impl RouteTable {
                 .first_allowing(&node.exact, method)
                 .or_else(|| self.first_allowing(&node.wildcard, method));
         }
-        let (segment, tail) = rest.split_once('/').unwrap_or((rest, ""));
+        // Segments are short: a plain byte scan beats a general substring search here.
+        let (segment, tail) = match rest.bytes().position(|b| b == b'/') {
+            Some(at) => (&rest[..at], &rest[at + 1..]),
+            None => (rest, ""),
+        };
         if let Some(child) = node.literals.get(segment) {
             if let Some(found) = self.walk(child, tail, method) {
                 return Some(found);
