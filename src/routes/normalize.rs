@@ -20,9 +20,13 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, Rejection> {
     if bytes.first() != Some(&b'/') {
         return Err(Rejection::BadTarget("the path must start with /"));
     }
-    if is_already_normal(bytes) {
-        check_segments(raw)?;
-        return Ok(Cow::Borrowed(raw));
+    match scan(bytes) {
+        Scan::Normal { dots: false } => return Ok(Cow::Borrowed(raw)),
+        Scan::Normal { dots: true } => {
+            check_segments(raw)?;
+            return Ok(Cow::Borrowed(raw));
+        }
+        Scan::Changes => {}
     }
 
     let mut out = String::with_capacity(raw.len());
@@ -67,16 +71,55 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, Rejection> {
     Ok(Cow::Owned(out))
 }
 
-/// True when normalization would not change the path: no escapes, no `//`, no trailing `/`.
-fn is_already_normal(bytes: &[u8]) -> bool {
+enum Scan {
+    /// Normalization would not change the path; `dots`: it has a `.` (maybe a dot segment).
+    Normal { dots: bool },
+    /// The path has an escape, a byte to refuse, `//` or a trailing `/`.
+    Changes,
+}
+
+/// Bytes a path may carry as they are: printable ASCII but `%` and what [`check_raw_byte`]
+/// refuses.
+static PLAIN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0x21;
+    while b < 0x7f {
+        table[b] = !matches!(
+            b as u8,
+            b'%' | b'\\'
+                | b';'
+                | b'"'
+                | b'<'
+                | b'>'
+                | b'^'
+                | b'`'
+                | b'{'
+                | b'|'
+                | b'}'
+                | b'#'
+                | b'?'
+        );
+        b += 1;
+    }
+    table
+};
+
+/// One pass over the path: would normalization change it?
+fn scan(bytes: &[u8]) -> Scan {
     let mut prev = 0u8;
+    let mut dots = false;
     for &b in bytes {
-        if b == b'%' || check_raw_byte(b).is_err() || (b == b'/' && prev == b'/') {
-            return false;
+        if !PLAIN[usize::from(b)] || (b == b'/' && prev == b'/') {
+            return Scan::Changes;
         }
+        dots |= b == b'.';
         prev = b;
     }
-    bytes.len() == 1 || prev != b'/'
+    if bytes.len() == 1 || prev != b'/' {
+        Scan::Normal { dots }
+    } else {
+        Scan::Changes
+    }
 }
 
 fn check_raw_byte(b: u8) -> Result<(), Rejection> {
@@ -144,6 +187,17 @@ fn push_escape(out: &mut String, value: u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_bytes_are_those_kept_as_they_are() {
+        for b in 0..=255u8 {
+            assert_eq!(
+                PLAIN[usize::from(b)],
+                b != b'%' && check_raw_byte(b).is_ok(),
+                "byte {b:#04x}"
+            );
+        }
+    }
 
     fn ok(raw: &str) -> String {
         normalize_path(raw)
