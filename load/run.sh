@@ -10,7 +10,8 @@
 # RATE (req/s for the latency run; default RATE_PERCENT of the lower proxy throughput),
 # RATE_PERCENT (50), LAT_CONNS (32), BASE_PORT (18480), QUIET_BUSY (% CPU that other processes
 # may use for the machine to count as quiet, 25), QUIET_WAIT (s to wait for quiet, 1200),
-# SKIP_BUILD=1 (use target/release/keygate as it is).
+# SKIP_BUILD=1 (use target/release/keygate as it is), INSTRUCTIONS=1 (then also count the
+# instructions each proxy executes per request under callgrind; see load/README.md).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -375,3 +376,64 @@ echo
 echo "CPU us/req: CPU time (user + system) of the proxy during the wrk run / requests (direct: the"
 echo "upstream nginx's). RSS: VmRSS after the runs (nginx: master + workers added up; direct: the"
 echo "upstream nginx). wrk, oha, the proxies and the upstream share the machine's CPUs."
+
+# --- optional: instructions per request under callgrind ----------------------------------------
+# Noise-free where the timings above are not: the same binary and inputs count the same whatever
+# else the machine does. Each proxy runs alone in one process (nginx: master_process off, one
+# worker; keygate: one worker thread), serves N1 and then N2 requests from oha in two runs, and
+# the difference of the two totals over N2 - N1 is its cost per request (start-up cancels out).
+# Valgrind does not expose SHA extensions, so keygate's SHA-256 of the key runs in software here:
+# it is shown apart, since on the CPU it runs on SHA-NI at a small fraction of that.
+if [[ "${INSTRUCTIONS:-0}" == 1 ]]; then
+    need_apt valgrind valgrind
+    N1=${N1:-2000}
+    N2=${N2:-12000}
+    for pid in "$NGINX_PID" "$KG_PID"; do
+        kill -TERM "$pid" 2>/dev/null || true
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    done
+    sed -e 's/^worker_processes 2;/worker_processes 1;\nmaster_process off;/' \
+        "$TMP/nginx/nginx.conf" >"$TMP/nginx/single.conf"
+    sed -e 's/workers: 2/workers: 1/' "$TMP/keygate/keygate.yaml" >"$TMP/keygate/single.yaml"
+    declare -A TOTAL SHA
+    for t in nginx keygate; do
+        for n in "$N1" "$N2"; do
+            out="$TMP/callgrind-$t-$n"
+            if [[ $t == nginx ]]; then
+                valgrind --tool=callgrind --callgrind-out-file="$out" \
+                    nginx -p "$TMP/nginx" -e "$TMP/nginx/error.log" -c "$TMP/nginx/single.conf" \
+                    >"$TMP/valgrind-$t.log" 2>&1 &
+            else
+                KEYGATE_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
+                    "$KEYGATE" serve --config "$TMP/keygate/single.yaml" \
+                    >"$TMP/valgrind-$t.log" 2>&1 &
+            fi
+            vpid=$!
+            PIDS+=("$vpid")
+            wait_http "${URL[$t]}" 401
+            "$OHA" --no-tui --output-format json -n "$n" -c 8 -H "$H_KEY" -H "$H_PROJECT" \
+                "${URL[$t]}" >"$TMP/oha-callgrind.json"
+            ok=$(python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print(int(d["statusCodeDistribution"] == {"200": int(sys.argv[2])}))' \
+                "$TMP/oha-callgrind.json" "$n")
+            [[ "$ok" == 1 ]] || die "callgrind $t: not all $n requests answered 200"
+            # nginx stops gracefully on QUIT, keygate on TERM; callgrind writes its file at exit.
+            kill "-$([[ $t == nginx ]] && echo QUIT || echo TERM)" "$vpid"
+            wait "$vpid" || true
+            TOTAL[$t-$n]=$(sed -n 's/^summary: //p' "$out")
+            SHA[$t-$n]=$(callgrind_annotate --inclusive=yes "$out" 2>/dev/null |
+                awk '!found && /sha2::sha256::compress256/ { gsub(",", "", $1); print $1; found = 1 }')
+            log "callgrind $t, $n requests: ${TOTAL[$t-$n]} instructions"
+        done
+    done
+    per_request() { # total1 total2
+        awk -v a="${1:-0}" -v b="${2:-0}" -v n="$((N2 - N1))" 'BEGIN { printf "%.0f", (b - a) / n }'
+    }
+    NG=$(per_request "${TOTAL[nginx-$N1]}" "${TOTAL[nginx-$N2]}")
+    KG=$(per_request "${TOTAL[keygate-$N1]}" "${TOTAL[keygate-$N2]}")
+    KG_SHA=$(per_request "${SHA[keygate-$N1]:-0}" "${SHA[keygate-$N2]:-0}")
+    echo
+    echo "instructions per request (callgrind, one process each, oha -c 8, runs of $N1 and $N2):"
+    echo "  nginx   $NG"
+    echo "  keygate $KG, of which SHA-256 in software $KG_SHA; without it $((KG - KG_SHA))" \
+        "($(ratio "$((KG - KG_SHA))" "$NG") x nginx)"
+fi
