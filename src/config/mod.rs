@@ -890,7 +890,11 @@ impl Validator<'_> {
                 &raw.connect_timeout,
                 Duration::from_secs(5),
             )?,
-            idle_timeout: duration("idle_timeout", &raw.idle_timeout, Duration::from_secs(90))?,
+            idle_timeout: duration(
+                "idle_timeout",
+                &raw.idle_timeout,
+                crate::proxy::upstream::DEFAULT_IDLE_TIMEOUT,
+            )?,
             balance,
             eject_after: raw.eject_after.unwrap_or(3).max(1),
             eject_for: duration("eject_for", &raw.eject_for, Duration::from_secs(10))?,

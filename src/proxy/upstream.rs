@@ -11,8 +11,8 @@
 //! The pool is a stack of idle HTTP/1.1 connections per address. A connection goes back when
 //! its response body has been read to the end ([`PooledBody`]), is taken most recently used
 //! first, and is closed instead of reused once the upstream has closed it or it has been idle
-//! for the upstream's `idle_timeout`. A request that a reused connection could not send (the upstream closed
-//! it at that moment) is sent again on another connection.
+//! for the upstream's `idle_timeout`. A request that a reused connection could not send (the
+//! upstream closed it at that moment) is sent again on another connection.
 
 use std::cell::RefCell;
 use std::error::Error as _;
@@ -37,6 +37,8 @@ use super::{Body, BoxError};
 const MAX_IDLE: usize = 256;
 /// How often, at most, each thread closes the connections that have idled too long.
 const SWEEP_EVERY: Duration = Duration::from_secs(15);
+/// `idle_timeout` when none is configured.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How requests are spread over an upstream's addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,23 +109,13 @@ type Connector = HttpsConnector<HttpConnector>;
 /// connection settings stay the same, and the key to each thread's pool for it.
 struct Pools {
     connector: Connector,
-    /// The upstream's current `idle_timeout`, in milliseconds (a reload may change it).
-    idle_timeout_ms: AtomicU64,
-}
-
-impl Pools {
-    fn idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed))
-    }
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// One thread's idle connections for one [`Pools`], per address.
 struct ThreadPool {
     owner: Weak<Pools>,
+    /// The `idle_timeout` of the config that last used the pool on this thread.
+    idle_timeout: Duration,
     /// Per address: idle connections, the most recently used last.
     idle: Vec<(Arc<Target>, Vec<Idle>)>,
 }
@@ -152,58 +144,75 @@ thread_local! {
     static POOLS: RefCell<Vec<ThreadPool>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on this thread's pool for `owner`, making it on first use.
-fn with_thread_pool<R>(owner: &Arc<Pools>, f: impl FnOnce(&mut ThreadPool) -> R) -> R {
+/// Runs `f` on this thread's pool for `owner`, making it on first use. A request passes its
+/// config's `idle_timeout`, which the pool then keeps to (a reload may change it).
+fn with_thread_pool<R>(
+    owner: &Arc<Pools>,
+    idle_timeout: Option<Duration>,
+    f: impl FnOnce(&mut ThreadPool) -> R,
+) -> R {
     POOLS.with_borrow_mut(|pools| {
         let mine = Arc::as_ptr(owner);
         let index = match pools.iter().position(|p| p.owner.as_ptr() == mine) {
             Some(index) => index,
             None => {
                 pools.retain(|p| p.owner.strong_count() > 0);
+                let timeout = idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
                 pools.push(ThreadPool {
                     owner: Arc::downgrade(owner),
+                    idle_timeout: timeout,
                     idle: Vec::new(),
                 });
                 // Requests prune the pool as they pass; this closes what idled too long when
                 // none come.
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    runtime.spawn(sweep_idle(Arc::downgrade(owner)));
+                    runtime.spawn(sweep_idle(Arc::downgrade(owner), sweep_interval(timeout)));
                 }
                 pools.len() - 1
             }
         };
-        f(&mut pools[index])
+        let pool = &mut pools[index];
+        if let Some(timeout) = idle_timeout {
+            pool.idle_timeout = timeout;
+        }
+        f(pool)
     })
 }
 
 /// Sweeps the calling thread's pool for `owner` until no config holds the upstream any more.
-async fn sweep_idle(owner: Weak<Pools>) {
+async fn sweep_idle(owner: Weak<Pools>, mut every: Duration) {
     loop {
-        let every = match owner.upgrade() {
-            Some(pools) => SWEEP_EVERY
-                .min(pools.idle_timeout() / 2)
-                .max(Duration::from_millis(10)),
-            None => return,
-        };
         tokio::time::sleep(every).await;
         let Some(pools) = owner.upgrade() else {
             return;
         };
-        let (now, timeout) = (Instant::now(), pools.idle_timeout());
-        with_thread_pool(&pools, |pool| {
+        let now = Instant::now();
+        every = with_thread_pool(&pools, None, |pool| {
+            let timeout = pool.idle_timeout;
             for (_, idle) in &mut pool.idle {
                 idle.retain(|conn| {
                     conn.sender.is_ready() && now.duration_since(conn.since) < timeout
                 });
             }
+            sweep_interval(timeout)
         });
     }
 }
 
+/// Sweeps often enough that no connection stays much past `idle_timeout`.
+fn sweep_interval(idle_timeout: Duration) -> Duration {
+    SWEEP_EVERY
+        .min(idle_timeout / 2)
+        .max(Duration::from_millis(10))
+}
+
 /// A reusable idle connection to `target` from this thread's pool, if there is one.
-fn checkout(owner: &Arc<Pools>, target: &Arc<Target>) -> Option<SendRequest<Body>> {
-    let timeout = owner.idle_timeout();
-    with_thread_pool(owner, |pool| {
+fn checkout(
+    owner: &Arc<Pools>,
+    target: &Arc<Target>,
+    timeout: Duration,
+) -> Option<SendRequest<Body>> {
+    with_thread_pool(owner, Some(timeout), |pool| {
         let idle = pool.idle_for(target);
         while let Some(conn) = idle.pop() {
             // Closed by the upstream, or idle too long: dropping the sender closes it.
@@ -234,8 +243,9 @@ fn checkin(owner: Weak<Pools>, target: Arc<Target>, mut sender: SendRequest<Body
     let Some(owner) = owner.upgrade() else {
         return;
     };
-    let (now, timeout) = (Instant::now(), owner.idle_timeout());
-    with_thread_pool(&owner, |pool| {
+    let now = Instant::now();
+    with_thread_pool(&owner, None, |pool| {
+        let timeout = pool.idle_timeout;
         let idle = pool.idle_for(&target);
         let expired = idle
             .iter()
@@ -438,16 +448,9 @@ impl Upstream {
                 && p.settings.ca_pem == settings.ca_pem
                 && p.needs_tls == needs_tls
         }) {
-            Some(previous) => {
-                let pools = previous.pools.clone();
-                pools
-                    .idle_timeout_ms
-                    .store(millis(settings.idle_timeout), Ordering::Relaxed);
-                pools
-            }
+            Some(previous) => previous.pools.clone(),
             None => Arc::new(Pools {
                 connector: build_connector(&settings, needs_tls)?,
-                idle_timeout_ms: AtomicU64::new(millis(settings.idle_timeout)),
             }),
         };
         Ok(Upstream {
@@ -484,7 +487,8 @@ impl Upstream {
         mut request: Request<Body>,
     ) -> Result<Response<PooledBody>, SendError> {
         loop {
-            let (mut sender, reused) = match checkout(&self.pools, target) {
+            let idle_timeout = self.settings.idle_timeout;
+            let (mut sender, reused) = match checkout(&self.pools, target, idle_timeout) {
                 Some(sender) => (sender, true),
                 None => (self.connect(target).await?, false),
             };
