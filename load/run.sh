@@ -282,23 +282,25 @@ rss_mb() { # pid: VmRSS of the process and its children (nginx workers), MB
     awk -v k="$total" 'BEGIN { printf "%.1f", k / 1024 }'
 }
 
-cpu_ticks() { # pid: utime + stime of the process and its children (nginx workers), clock ticks
-    local total=0 p
+cpu_ticks() { # pid: "utime stime" of the process and its children (nginx workers), clock ticks
+    local user=0 sys=0 p u s
     for p in "$1" $(pgrep -P "$1" || true); do
-        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+        read -r u s < <(awk '{print $14, $15}' "/proc/$p/stat" 2>/dev/null || echo 0 0)
+        user=$((user + ${u:-0}))
+        sys=$((sys + ${s:-0}))
     done
-    echo "$total"
+    echo "$user $sys"
 }
 CLK_TCK=$(getconf CLK_TCK)
 
 # --- throughput: wrk, fixed connections --------------------------------------------------------
-declare -A RPS WRK_P50 WRK_P99 OHA_P50 OHA_P99 OHA_RPS RSS CPU_US
+declare -A RPS WRK_P50 WRK_P99 OHA_P50 OHA_P99 OHA_RPS RSS CPU_US USER_US SYS_US
 for t in "${TARGETS[@]}"; do
     wait_quiet "wrk $t"
     wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" -H "$H_KEY" -H "$H_PROJECT" "${URL[$t]}" >/dev/null
-    ticks=$(cpu_ticks "${PID[$t]}")
+    read -r user0 sys0 < <(cpu_ticks "${PID[$t]}")
     out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "$H_KEY" -H "$H_PROJECT" "${URL[$t]}")
-    ticks=$(($(cpu_ticks "${PID[$t]}") - ticks))
+    read -r user1 sys1 < <(cpu_ticks "${PID[$t]}")
     printf '%s\n' "$out" >"$TMP/wrk-$t.txt"
     if grep -q 'Non-2xx\|Socket errors' <<<"$out"; then
         printf '%s\n' "$out" >&2
@@ -308,8 +310,12 @@ for t in "${TARGETS[@]}"; do
     WRK_P50[$t]=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
     WRK_P99[$t]=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
-    CPU_US[$t]=$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
-    log "wrk $t: ${RPS[$t]} req/s, p50 ${WRK_P50[$t]} ms, p99 ${WRK_P99[$t]} ms, ${CPU_US[$t]} CPU us/req"
+    per_request() { awk -v t="$1" -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }'; }
+    USER_US[$t]=$(per_request $((user1 - user0)))
+    SYS_US[$t]=$(per_request $((sys1 - sys0)))
+    CPU_US[$t]=$(per_request $((user1 - user0 + sys1 - sys0)))
+    log "wrk $t: ${RPS[$t]} req/s, p50 ${WRK_P50[$t]} ms, p99 ${WRK_P99[$t]} ms," \
+        "${CPU_US[$t]} CPU us/req (user ${USER_US[$t]}, system ${SYS_US[$t]})"
 done
 
 # --- latency: oha at one fixed offered rate ------------------------------------------------------
@@ -350,14 +356,14 @@ echo "throughput: wrk -t$THREADS -c$CONNS -d${DURATION}s (after ${WARMUP}s warm-
     "latency: oha -q $RATE --latency-correction -c $LAT_CONNS -z ${DURATION}s"
 echo "quiet: $(printf '%s; ' "${QUIET_NOTE[@]}")"
 echo
-ROW='| %-10s | %10s | %11s | %10s | %10s | %10s | %10s | %9s | %7s |\n'
+ROW='| %-10s | %10s | %11s | %7s | %7s | %10s | %10s | %10s | %10s | %9s | %7s |\n'
 # shellcheck disable=SC2059
-printf "$ROW" target "wrk req/s" "CPU us/req" "wrk p50 ms" "wrk p99 ms" "oha p50 ms" "oha p99 ms" "oha req/s" "RSS MB"
+printf "$ROW" target "wrk req/s" "CPU us/req" "user us" "sys us" "wrk p50 ms" "wrk p99 ms" "oha p50 ms" "oha p99 ms" "oha req/s" "RSS MB"
 # shellcheck disable=SC2059
-printf "$ROW" --- ---: ---: ---: ---: ---: ---: ---: ---:
+printf "$ROW" --- ---: ---: ---: ---: ---: ---: ---: ---: ---: ---:
 for t in "${TARGETS[@]}"; do
     # shellcheck disable=SC2059
-    printf "$ROW" "$t" "${RPS[$t]}" "${CPU_US[$t]}" "${WRK_P50[$t]}" "${WRK_P99[$t]}" \
+    printf "$ROW" "$t" "${RPS[$t]}" "${CPU_US[$t]}" "${USER_US[$t]}" "${SYS_US[$t]}" "${WRK_P50[$t]}" "${WRK_P99[$t]}" \
         "${OHA_P50[$t]}" "${OHA_P99[$t]}" "${OHA_RPS[$t]}" "${RSS[$t]}"
 done
 for base in nginx direct; do
@@ -365,6 +371,8 @@ for base in nginx direct; do
     printf "$ROW" "kg/$base" \
         "$(ratio "${RPS[keygate]}" "${RPS[$base]}")" \
         "$(ratio "${CPU_US[keygate]}" "${CPU_US[$base]}")" \
+        "$(ratio "${USER_US[keygate]}" "${USER_US[$base]}")" \
+        "$(ratio "${SYS_US[keygate]}" "${SYS_US[$base]}")" \
         "$(ratio "${WRK_P50[keygate]}" "${WRK_P50[$base]}")" \
         "$(ratio "${WRK_P99[keygate]}" "${WRK_P99[$base]}")" \
         "$(ratio "${OHA_P50[keygate]}" "${OHA_P50[$base]}")" \
@@ -373,8 +381,8 @@ for base in nginx direct; do
         "$(ratio "${RSS[keygate]}" "${RSS[$base]}")"
 done
 echo
-echo "CPU us/req: CPU time (user + system) of the proxy during the wrk run / requests (direct: the"
-echo "upstream nginx's). RSS: VmRSS after the runs (nginx: master + workers added up; direct: the"
+echo "CPU us/req: CPU time of the proxy during the wrk run / requests (direct: the upstream"
+echo "nginx's), then its user-space and kernel parts. RSS: VmRSS after the runs (nginx: master + workers added up; direct: the"
 echo "upstream nginx). wrk, oha, the proxies and the upstream share the machine's CPUs."
 
 # --- optional: instructions per request under callgrind ----------------------------------------

@@ -94,11 +94,17 @@ async fn run_admitting(
     .await
 }
 
-/// Serves one listening socket from `workers` threads, each with its own single-threaded
-/// runtime: a connection lives on the thread that accepted it, and so do its upstream
-/// connections (each thread sends on pools of its own), so a proxied request never crosses
-/// threads. The threads share the socket's accept queue and one connection limit. Resolves
-/// when every thread has finished (after `stop` turns true and their connections drained).
+/// Serves one listening socket from `workers` threads, each the one worker of its own runtime:
+/// a connection lives on the thread that accepted it, and so do its upstream connections (each
+/// thread sends on pools of its own), so a proxied request never crosses threads. The threads
+/// share the socket's accept queue and one connection limit. Resolves when every thread has
+/// finished (after `stop` turns true and their connections drained).
+///
+/// A one-worker multi-thread runtime rather than a current-thread one for its LIFO slot: a task
+/// woken by the running task runs next. A proxied request hops between two tasks each way (the
+/// client connection and the upstream connection), so the upstream write and the client write
+/// happen as soon as their data is ready instead of after every task queued before them, which
+/// on a busy machine is the difference between nginx's p99 and several times it (load/README.md).
 fn run_workers(
     listener: TcpListener,
     gateway: Arc<Gateway>,
@@ -108,48 +114,70 @@ fn run_workers(
     let socket = listener.into_std()?;
     let limit = Arc::new(Semaphore::new(gateway.snapshot().server.max_connections));
     let spread = Arc::new(Spread::new(workers));
-    let mut done = Vec::with_capacity(workers);
+    let mut started = Vec::with_capacity(workers);
     for index in 0..workers {
-        let socket = socket.try_clone()?;
-        let gateway = gateway.clone();
         let admission = Admission {
             limit: limit.clone(),
             spread: Some((spread.clone(), index)),
         };
-        let mut stop = stop.clone();
-        let (finished, finished_rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name(format!("keygate-worker-{index}"))
-            .spawn(move || {
-                let result = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .and_then(|runtime| {
-                        runtime.block_on(async move {
-                            let listener = TcpListener::from_std(socket)?;
-                            let stopped = async move {
-                                let _ = stop.wait_for(|stop| *stop).await;
-                            };
-                            run_admitting(listener, gateway, admission, stopped).await
-                        })
-                    });
-                let _ = finished.send(result);
-            })?;
-        done.push(finished_rx);
+        match start_worker(index, &socket, gateway.clone(), admission, stop.clone()) {
+            Ok(worker) => started.push(worker),
+            Err(err) => return Err(err),
+        }
     }
     Ok(async move {
         let mut outcome = Ok(());
-        for finished in done {
-            match finished.await {
+        for (_runtime, task) in started {
+            match task.await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => outcome = Err(err),
-                Err(_) => {
-                    outcome = Err(std::io::Error::other("a listener thread panicked"));
-                }
+                Err(_) => outcome = Err(std::io::Error::other("a listener thread panicked")),
             }
         }
         outcome
     })
+}
+
+/// Starts worker `index`: a runtime of one worker thread (`keygate-worker-N`) that accepts on
+/// `socket` until `stop` turns true.
+fn start_worker(
+    index: usize,
+    socket: &std::net::TcpListener,
+    gateway: Arc<Gateway>,
+    admission: Admission,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<(WorkerRuntime, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let socket = socket.try_clone()?;
+    let threads = AtomicUsize::new(0);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        // The worker thread is started with the runtime; any later thread is its blocking pool's.
+        .thread_name_fn(move || match threads.fetch_add(1, Ordering::Relaxed) {
+            0 => format!("keygate-worker-{index}"),
+            _ => format!("keygate-block-{index}"),
+        })
+        .enable_all()
+        .build()?;
+    let task = runtime.spawn(async move {
+        let listener = TcpListener::from_std(socket)?;
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        run_admitting(listener, gateway, admission, stopped).await
+    });
+    Ok((WorkerRuntime(Some(runtime)), task))
+}
+
+/// A worker's runtime, let go of in the background when dropped: it is dropped on another
+/// runtime, where a blocking shutdown is not allowed.
+struct WorkerRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for WorkerRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Serves the public listener on the configured address, re-binding when a reload changes it:
