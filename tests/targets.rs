@@ -155,6 +155,12 @@ async fn crafted_targets_never_reach_a_route_the_key_lacks() {
     assert_eq!(echo.target, "/v1/public/x");
     let echo = h.get_as("/v1/public/%7e", &secret, "demo").await.echo();
     assert_eq!(echo.target, "/v1/public/~");
+    // A path that needs no normalization goes on as sent, query and all.
+    let echo = h
+        .get_as("/v1/public/x?a=%2e%2e&b=/../1", &secret, "demo")
+        .await
+        .echo();
+    assert_eq!(echo.target, "/v1/public/x?a=%2e%2e&b=/../1");
 }
 
 #[test]

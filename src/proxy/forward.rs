@@ -13,7 +13,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use super::upstream::{SendError, Upstream};
+use super::upstream::{RequestTarget, SendError, Upstream};
 use super::{headers, Body, BoxError};
 use crate::error::Rejection;
 use crate::metrics as m;
@@ -51,8 +51,7 @@ fn idempotent(method: &Method) -> bool {
 pub async fn forward(
     upstream: &Upstream,
     method: Method,
-    path: &str,
-    query: Option<&str>,
+    asked: &RequestTarget<'_>,
     mut headers: HeaderMap,
     body: Incoming,
     max_body: Option<u64>,
@@ -103,7 +102,7 @@ pub async fn forward(
         tried[tries] = index;
         tries += 1;
         let target = &upstream.targets()[index];
-        let Ok(uri) = target.uri_for(path, query) else {
+        let Ok(uri) = target.uri_for(asked) else {
             return done(Err(Rejection::BadTarget(
                 "cannot build the upstream target",
             )));

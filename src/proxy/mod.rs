@@ -11,6 +11,7 @@ mod forward;
 pub mod headers;
 pub mod upstream;
 
+use std::borrow::Cow;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +33,7 @@ use crate::limits::{counter_key, RequestFacts};
 use crate::metrics as m;
 use crate::routes::RouteTarget;
 use headers::{Forwarding, REQUEST_ID};
+use upstream::RequestTarget;
 
 /// The header Appwrite SDKs name themselves in.
 const SDK_NAME: HeaderName = HeaderName::from_static("x-sdk-name");
@@ -237,7 +239,15 @@ async fn process(
         headers::scopes_header(&snapshot.scopes, &decision.scopes)
     };
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
-    let path = decision.path.into_owned();
+    // The upstream gets the path that was authorized; when normalization left it as sent, the
+    // client's request target is passed on as it is.
+    let asked = match (decision.path, parts.uri.path_and_query()) {
+        (Cow::Borrowed(_), Some(sent)) => RequestTarget::AsSent(sent.clone()),
+        (path, _) => RequestTarget::Normalized {
+            path: path.into_owned(),
+            query: parts.uri.query(),
+        },
+    };
     let max_body = route.max_body;
     headers::to_upstream(
         &mut parts.headers,
@@ -256,8 +266,7 @@ async fn process(
     let (result, forwarded) = forward::forward(
         upstream,
         parts.method,
-        &path,
-        parts.uri.query(),
+        &asked,
         parts.headers,
         body,
         max_body,

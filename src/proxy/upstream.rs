@@ -334,9 +334,17 @@ impl Target {
         &self.authority
     }
 
-    /// The origin-form request target (`/prefix/path?query`) for a normalized path and the
-    /// client's raw query.
-    pub fn uri_for(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    /// The origin-form request target (`/prefix/path?query`) for what the client asked.
+    pub fn uri_for(&self, asked: &RequestTarget<'_>) -> Result<Uri, http::Error> {
+        match asked {
+            // Nothing to rewrite: the client's target is shared, not parsed again.
+            RequestTarget::AsSent(sent) if self.prefix.is_empty() => Ok(Uri::from(sent.clone())),
+            RequestTarget::AsSent(sent) => self.join(sent.path(), sent.query()),
+            RequestTarget::Normalized { path, query } => self.join(path, *query),
+        }
+    }
+
+    fn join(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let mut target =
             String::with_capacity(self.prefix.len() + path.len() + 1 + query.map_or(0, str::len));
         target.push_str(&self.prefix);
@@ -357,6 +365,18 @@ impl Target {
     fn resting(&self, now: u64) -> bool {
         self.ejected_until.load(Ordering::Relaxed) > now
     }
+}
+
+/// The path and query a request is forwarded with: always the normalized path (what was
+/// authorized) and the client's raw query.
+pub enum RequestTarget<'a> {
+    /// The client's own path and query, when normalization left the path as it was.
+    AsSent(PathAndQuery),
+    /// A path that normalization rewrote, and the client's query.
+    Normalized {
+        path: String,
+        query: Option<&'a str>,
+    },
 }
 
 /// Marks a request outstanding on a target until dropped.
@@ -649,13 +669,28 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(
-            u.targets()[0]
-                .uri_for("/v1/users", Some("limit=1"))
-                .unwrap()
-                .to_string(),
-            "/api/v1/users?limit=1"
-        );
+        let normalized = RequestTarget::Normalized {
+            path: "/v1/users".into(),
+            query: Some("limit=1"),
+        };
+        let as_sent = RequestTarget::AsSent(PathAndQuery::from_static("/v1/users?limit=1"));
+        for asked in [&normalized, &as_sent] {
+            assert_eq!(
+                u.targets()[0].uri_for(asked).unwrap().to_string(),
+                "/api/v1/users?limit=1"
+            );
+        }
+        let bare = Upstream::new(
+            settings(&["http://127.0.0.1:8081"], Balance::RoundRobin),
+            None,
+        )
+        .unwrap();
+        for asked in [&normalized, &as_sent] {
+            assert_eq!(
+                bare.targets()[0].uri_for(asked).unwrap().to_string(),
+                "/v1/users?limit=1"
+            );
+        }
     }
 
     #[test]
