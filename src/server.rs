@@ -103,8 +103,8 @@ async fn run_admitting(
 /// A one-worker multi-thread runtime rather than a current-thread one for its LIFO slot: a task
 /// woken by the running task runs next. A proxied request hops between two tasks each way (the
 /// client connection and the upstream connection), so the upstream write and the client write
-/// happen as soon as their data is ready instead of after every task queued before them, which
-/// on a busy machine is the difference between nginx's p99 and several times it (load/README.md).
+/// happen as soon as their data is ready instead of after every task queued before them: lower
+/// tails at a fixed rate, for less batching at saturation (measured in load/README.md).
 fn run_workers(
     listener: TcpListener,
     gateway: Arc<Gateway>,
@@ -120,10 +120,14 @@ fn run_workers(
             limit: limit.clone(),
             spread: Some((spread.clone(), index)),
         };
-        match start_worker(index, &socket, gateway.clone(), admission, stop.clone()) {
-            Ok(worker) => started.push(worker),
-            Err(err) => return Err(err),
-        }
+        // On an early return, the workers already started are let go of (`WorkerRuntime`).
+        started.push(start_worker(
+            index,
+            &socket,
+            gateway.clone(),
+            admission,
+            stop.clone(),
+        )?);
     }
     Ok(async move {
         let mut outcome = Ok(());
