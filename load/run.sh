@@ -292,6 +292,9 @@ cpu_ticks() { # pid: "utime stime" of the process and its children (nginx worker
     echo "$user $sys"
 }
 CLK_TCK=$(getconf CLK_TCK)
+cpu_us_per_request() { # clock-ticks requests: microseconds of CPU per request
+    awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }'
+}
 
 # --- throughput: wrk, fixed connections --------------------------------------------------------
 declare -A RPS WRK_P50 WRK_P99 OHA_P50 OHA_P99 OHA_RPS RSS CPU_US USER_US SYS_US
@@ -310,10 +313,9 @@ for t in "${TARGETS[@]}"; do
     WRK_P50[$t]=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
     WRK_P99[$t]=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
-    per_request() { awk -v t="$1" -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }'; }
-    USER_US[$t]=$(per_request $((user1 - user0)))
-    SYS_US[$t]=$(per_request $((sys1 - sys0)))
-    CPU_US[$t]=$(per_request $((user1 - user0 + sys1 - sys0)))
+    USER_US[$t]=$(cpu_us_per_request $((user1 - user0)) "$requests")
+    SYS_US[$t]=$(cpu_us_per_request $((sys1 - sys0)) "$requests")
+    CPU_US[$t]=$(cpu_us_per_request $((user1 - user0 + sys1 - sys0)) "$requests")
     log "wrk $t: ${RPS[$t]} req/s, p50 ${WRK_P50[$t]} ms, p99 ${WRK_P99[$t]} ms," \
         "${CPU_US[$t]} CPU us/req (user ${USER_US[$t]}, system ${SYS_US[$t]})"
 done
@@ -382,8 +384,9 @@ for base in nginx direct; do
 done
 echo
 echo "CPU us/req: CPU time of the proxy during the wrk run / requests (direct: the upstream"
-echo "nginx's), then its user-space and kernel parts. RSS: VmRSS after the runs (nginx: master + workers added up; direct: the"
-echo "upstream nginx). wrk, oha, the proxies and the upstream share the machine's CPUs."
+echo "nginx's), then its user-space and kernel parts. RSS: VmRSS after the runs (nginx: master +"
+echo "workers added up; direct: the upstream nginx). wrk, oha, the proxies and the upstream share"
+echo "the machine's CPUs."
 
 # --- optional: instructions per request under callgrind ----------------------------------------
 # Noise-free where the timings above are not: the same binary and inputs count the same whatever
