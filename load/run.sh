@@ -8,8 +8,9 @@
 #
 # Knobs (environment): DURATION (s, default 15), WARMUP (s, 3), CONNS (64), THREADS (2),
 # RATE (req/s for the latency run; default RATE_PERCENT of the lower proxy throughput),
-# RATE_PERCENT (50), LAT_CONNS (32), BASE_PORT (18480), QUIET_BUSY (% CPU that other processes
-# may use for the machine to count as quiet, 25), QUIET_WAIT (s to wait for quiet, 1200),
+# RATE_PERCENT (50), LAT_CONNS (32), ROUNDS (3: each measurement repeated, medians reported),
+# BASE_PORT (18480), QUIET_BUSY (% CPU that other processes may use for the machine to count as
+# quiet, 25), QUIET_WAIT (s to wait for quiet, 1200),
 # SKIP_BUILD=1 (use target/release/keygate as it is), INSTRUCTIONS=1 (then also count the
 # instructions each proxy executes per request under callgrind; see load/README.md).
 set -euo pipefail
@@ -25,6 +26,7 @@ THREADS=${THREADS:-2}
 RATE=${RATE:-}
 RATE_PERCENT=${RATE_PERCENT:-50}
 LAT_CONNS=${LAT_CONNS:-32}
+ROUNDS=${ROUNDS:-3}
 BASE_PORT=${BASE_PORT:-18480}
 QUIET_BUSY=${QUIET_BUSY:-25}
 QUIET_WAIT=${QUIET_WAIT:-1200}
@@ -296,41 +298,74 @@ cpu_us_per_request() { # clock-ticks requests: microseconds of CPU per request
     awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }'
 }
 
+# --- rounds and medians ------------------------------------------------------------------------
+# Each measurement is taken ROUNDS times. Odd rounds go direct, nginx, keygate; even rounds the
+# other way, so a drift in the machine's speed during the run weighs on the three alike. A
+# target's figure is the median of its rounds; a ratio is the median of the rounds' ratios (each
+# round's keygate figure over the same round's nginx or direct figure, taken minutes apart).
+order() { # round
+    if (($1 % 2)); then echo direct nginx keygate; else echo keygate nginx direct; fi
+}
+median() { # printf-format values...
+    local format=$1
+    shift
+    printf '%s\n' "$@" | sort -g | awk -v f="$format" '{ v[NR] = $1 }
+        END { m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf f, m }'
+}
+declare -A M # M[metric,target,round]
+median_of() { # format metric target
+    local values=() r
+    for ((r = 1; r <= ROUNDS; r++)); do values+=("${M[$2,$3,$r]}"); done
+    median "$1" "${values[@]}"
+}
+ratio() { # a b [printf-format]: a / b, or "nan"
+    awk -v a="$1" -v b="$2" -v f="${3:-%.2f}" 'BEGIN { if (b > 0) printf f, a / b; else print "nan" }'
+}
+paired_ratio() { # metric base: the median over rounds of keygate/base
+    local values=() r
+    for ((r = 1; r <= ROUNDS; r++)); do values+=("$(ratio "${M[$1,keygate,$r]}" "${M[$1,$2,$r]}" '%.4f')"); done
+    if [[ " ${values[*]} " == *" nan "* ]]; then echo -; else median '%.2f' "${values[@]}"; fi
+}
+
 # --- throughput: wrk, fixed connections --------------------------------------------------------
-declare -A RPS WRK_P50 WRK_P99 OHA_P50 OHA_P99 OHA_RPS RSS CPU_US USER_US SYS_US
-for t in "${TARGETS[@]}"; do
-    wait_quiet "wrk $t"
-    wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" -H "$H_KEY" -H "$H_PROJECT" "${URL[$t]}" >/dev/null
-    read -r user0 sys0 < <(cpu_ticks "${PID[$t]}")
-    out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "$H_KEY" -H "$H_PROJECT" "${URL[$t]}")
-    read -r user1 sys1 < <(cpu_ticks "${PID[$t]}")
-    printf '%s\n' "$out" >"$TMP/wrk-$t.txt"
-    if grep -q 'Non-2xx\|Socket errors' <<<"$out"; then
-        printf '%s\n' "$out" >&2
-        die "wrk $t: errors or non-2xx responses"
-    fi
-    RPS[$t]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
-    WRK_P50[$t]=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
-    WRK_P99[$t]=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
-    requests=$(awk '/requests in/ {print $1}' <<<"$out")
-    USER_US[$t]=$(cpu_us_per_request $((user1 - user0)) "$requests")
-    SYS_US[$t]=$(cpu_us_per_request $((sys1 - sys0)) "$requests")
-    CPU_US[$t]=$(cpu_us_per_request $((user1 - user0 + sys1 - sys0)) "$requests")
-    log "wrk $t: ${RPS[$t]} req/s, p50 ${WRK_P50[$t]} ms, p99 ${WRK_P99[$t]} ms," \
-        "${CPU_US[$t]} CPU us/req (user ${USER_US[$t]}, system ${SYS_US[$t]})"
+for ((round = 1; round <= ROUNDS; round++)); do
+    for t in $(order "$round"); do
+        wait_quiet "wrk $t #$round"
+        wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" -H "$H_KEY" -H "$H_PROJECT" "${URL[$t]}" >/dev/null
+        read -r user0 sys0 < <(cpu_ticks "${PID[$t]}")
+        out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "$H_KEY" -H "$H_PROJECT" "${URL[$t]}")
+        read -r user1 sys1 < <(cpu_ticks "${PID[$t]}")
+        printf '%s\n' "$out" >"$TMP/wrk-$t-$round.txt"
+        if grep -q 'Non-2xx\|Socket errors' <<<"$out"; then
+            printf '%s\n' "$out" >&2
+            die "wrk $t: errors or non-2xx responses"
+        fi
+        requests=$(awk '/requests in/ {print $1}' <<<"$out")
+        M[rps,$t,$round]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
+        M[wrk_p50,$t,$round]=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+        M[wrk_p99,$t,$round]=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+        M[user,$t,$round]=$(cpu_us_per_request $((user1 - user0)) "$requests")
+        M[sys,$t,$round]=$(cpu_us_per_request $((sys1 - sys0)) "$requests")
+        M[cpu,$t,$round]=$(cpu_us_per_request $((user1 - user0 + sys1 - sys0)) "$requests")
+        log "wrk $t #$round: ${M[rps,$t,$round]} req/s, p50 ${M[wrk_p50,$t,$round]} ms," \
+            "p99 ${M[wrk_p99,$t,$round]} ms, ${M[cpu,$t,$round]} CPU us/req" \
+            "(user ${M[user,$t,$round]}, system ${M[sys,$t,$round]})"
+    done
 done
 
 # --- latency: oha at one fixed offered rate ------------------------------------------------------
 if [[ -z "$RATE" ]]; then
-    lower=${RPS[nginx]}
-    if ((RPS[keygate] < lower)); then lower=${RPS[keygate]}; fi
+    lower=$(median_of '%.0f' rps nginx)
+    kg=$(median_of '%.0f' rps keygate)
+    if ((kg < lower)); then lower=$kg; fi
     RATE=$((lower * RATE_PERCENT / 100))
 fi
-for t in "${TARGETS[@]}"; do
-    wait_quiet "oha $t"
-    "$OHA" --no-tui --output-format json -z "${DURATION}s" -q "$RATE" --latency-correction \
-        -c "$LAT_CONNS" -H "$H_KEY" -H "$H_PROJECT" "${URL[$t]}" >"$TMP/oha-$t.json"
-    read -r ok OHA_RPS[$t] OHA_P50[$t] OHA_P99[$t] < <(python3 - "$TMP/oha-$t.json" <<'EOF'
+for ((round = 1; round <= ROUNDS; round++)); do
+    for t in $(order "$round"); do
+        wait_quiet "oha $t #$round"
+        "$OHA" --no-tui --output-format json -z "${DURATION}s" -q "$RATE" --latency-correction \
+            -c "$LAT_CONNS" -H "$H_KEY" -H "$H_PROJECT" "${URL[$t]}" >"$TMP/oha-$t-$round.json"
+        read -r ok rps p50 p99 < <(python3 - "$TMP/oha-$t-$round.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 codes = d.get("statusCodeDistribution", {})
@@ -341,21 +376,26 @@ if not ok:
     print(f"status codes {codes}, errors {errors}", file=sys.stderr)
 s, p = d["summary"], d["latencyPercentiles"]
 print(ok, round(s["requestsPerSec"]), f'{p["p50"] * 1e3:.3f}', f'{p["p99"] * 1e3:.3f}')
-EOF
-    )
-    [[ "$ok" == 1 ]] || die "oha $t: errors or non-200 responses (see $TMP/oha-$t.json)"
-    RSS[$t]=$(rss_mb "${PID[$t]}")
-    log "oha $t at $RATE req/s: achieved ${OHA_RPS[$t]} req/s, p50 ${OHA_P50[$t]} ms, p99 ${OHA_P99[$t]} ms"
+PY
+        )
+        [[ "$ok" == 1 ]] || die "oha $t: errors or non-200 responses (see $TMP/oha-$t-$round.json)"
+        M[oha_rps,$t,$round]=$rps M[oha_p50,$t,$round]=$p50 M[oha_p99,$t,$round]=$p99
+        log "oha $t #$round at $RATE req/s: achieved $rps req/s, p50 $p50 ms, p99 $p99 ms"
+    done
 done
+declare -A RSS
+for t in "${TARGETS[@]}"; do RSS[$t]=$(rss_mb "${PID[$t]}"); done
 
 # --- the table ----------------------------------------------------------------------------------
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+COLUMNS_=(rps cpu user sys wrk_p50 wrk_p99 oha_p50 oha_p99 oha_rps)
+FORMATS=('%.0f' '%.1f' '%.1f' '%.1f' '%.3f' '%.3f' '%.3f' '%.3f' '%.0f')
 echo
 echo "keygate load test — $(date -u +%Y-%m-%dT%H:%MZ)"
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; $(nginx -v 2>&1); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); $("$OHA" --version)"
 echo "route: GET $ROUTE (keygate: full Appwrite map, $("$KEYGATE" --version 2>/dev/null || echo keygate))"
 echo "throughput: wrk -t$THREADS -c$CONNS -d${DURATION}s (after ${WARMUP}s warm-up);" \
-    "latency: oha -q $RATE --latency-correction -c $LAT_CONNS -z ${DURATION}s"
+    "latency: oha -q $RATE --latency-correction -c $LAT_CONNS -z ${DURATION}s;" \
+    "$ROUNDS round(s), medians"
 echo "quiet: $(printf '%s; ' "${QUIET_NOTE[@]}")"
 echo
 ROW='| %-10s | %10s | %11s | %7s | %7s | %10s | %10s | %10s | %10s | %9s | %7s |\n'
@@ -364,29 +404,35 @@ printf "$ROW" target "wrk req/s" "CPU us/req" "user us" "sys us" "wrk p50 ms" "w
 # shellcheck disable=SC2059
 printf "$ROW" --- ---: ---: ---: ---: ---: ---: ---: ---: ---: ---:
 for t in "${TARGETS[@]}"; do
+    cells=()
+    for i in "${!COLUMNS_[@]}"; do cells+=("$(median_of "${FORMATS[$i]}" "${COLUMNS_[$i]}" "$t")"); done
     # shellcheck disable=SC2059
-    printf "$ROW" "$t" "${RPS[$t]}" "${CPU_US[$t]}" "${USER_US[$t]}" "${SYS_US[$t]}" "${WRK_P50[$t]}" "${WRK_P99[$t]}" \
-        "${OHA_P50[$t]}" "${OHA_P99[$t]}" "${OHA_RPS[$t]}" "${RSS[$t]}"
+    printf "$ROW" "$t" "${cells[@]}" "${RSS[$t]}"
 done
 for base in nginx direct; do
+    cells=()
+    for metric in "${COLUMNS_[@]}"; do cells+=("$(paired_ratio "$metric" "$base")"); done
     # shellcheck disable=SC2059
-    printf "$ROW" "kg/$base" \
-        "$(ratio "${RPS[keygate]}" "${RPS[$base]}")" \
-        "$(ratio "${CPU_US[keygate]}" "${CPU_US[$base]}")" \
-        "$(ratio "${USER_US[keygate]}" "${USER_US[$base]}")" \
-        "$(ratio "${SYS_US[keygate]}" "${SYS_US[$base]}")" \
-        "$(ratio "${WRK_P50[keygate]}" "${WRK_P50[$base]}")" \
-        "$(ratio "${WRK_P99[keygate]}" "${WRK_P99[$base]}")" \
-        "$(ratio "${OHA_P50[keygate]}" "${OHA_P50[$base]}")" \
-        "$(ratio "${OHA_P99[keygate]}" "${OHA_P99[$base]}")" \
-        "$(ratio "${OHA_RPS[keygate]}" "${OHA_RPS[$base]}")" \
-        "$(ratio "${RSS[keygate]}" "${RSS[$base]}")"
+    printf "$ROW" "kg/$base" "${cells[@]}" "$(ratio "${RSS[keygate]}" "${RSS[$base]}")"
 done
 echo
 echo "CPU us/req: CPU time of the proxy during the wrk run / requests (direct: the upstream"
 echo "nginx's), then its user-space and kernel parts. RSS: VmRSS after the runs (nginx: master +"
 echo "workers added up; direct: the upstream nginx). wrk, oha, the proxies and the upstream share"
-echo "the machine's CPUs."
+echo "the machine's CPUs. Figures are medians over the rounds; kg/ rows are medians of each"
+echo "round's ratio."
+if ((ROUNDS > 1)); then
+    echo
+    echo "rounds (wrk req/s; oha p99 ms):"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        printf '  #%d  direct %s, nginx %s, keygate %s req/s (kg/nginx %s);' "$round" \
+            "${M[rps,direct,$round]}" "${M[rps,nginx,$round]}" "${M[rps,keygate,$round]}" \
+            "$(ratio "${M[rps,keygate,$round]}" "${M[rps,nginx,$round]}")"
+        printf '  p99 direct %s, nginx %s, keygate %s (kg/nginx %s)\n' \
+            "${M[oha_p99,direct,$round]}" "${M[oha_p99,nginx,$round]}" "${M[oha_p99,keygate,$round]}" \
+            "$(ratio "${M[oha_p99,keygate,$round]}" "${M[oha_p99,nginx,$round]}")"
+    done
+fi
 
 # --- optional: instructions per request under callgrind ----------------------------------------
 # Noise-free where the timings above are not: the same binary and inputs count the same whatever

@@ -12,7 +12,6 @@ pub mod headers;
 pub mod upstream;
 
 use std::borrow::Cow;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -427,18 +426,60 @@ fn request_id(sent: Option<&HeaderValue>) -> HeaderValue {
             return value.clone();
         }
     }
-    static PREFIX: OnceLock<String> = OnceLock::new();
+    static PREFIX: OnceLock<[u8; 12]> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = PREFIX.get_or_init(|| {
         let mut random = [0u8; 6];
         getrandom::fill(&mut random).expect("the operating system's random source failed");
-        hex::encode(random)
+        let mut prefix = [0u8; 12];
+        hex::encode_to_slice(random, &mut prefix).expect("12 bytes hold 6 in hex");
+        prefix
     });
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    // Written on the stack: "<12 hex>-<up to 16 hex>".
+    generated_id(prefix, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// `<prefix>-<n in lower-case hex>`, written on the stack (no formatting machinery).
+fn generated_id(prefix: &[u8; 12], n: u64) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (64 - (n | 1).leading_zeros() as usize).div_ceil(4);
     let mut id = [0u8; 29];
-    let mut rest: &mut [u8] = &mut id;
-    write!(rest, "{prefix}-{n:x}").expect("29 bytes hold the id");
-    let len = 29 - rest.len();
+    id[..12].copy_from_slice(prefix);
+    id[12] = b'-';
+    let len = 13 + digits;
+    for (i, slot) in id[13..len].iter_mut().rev().enumerate() {
+        *slot = HEX[((n >> (4 * i)) & 0xf) as usize];
+    }
     HeaderValue::from_bytes(&id[..len]).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_the_prefix_and_the_counter_in_hex() {
+        let prefix = *b"0a1b2c3d4e5f";
+        let values: [u64; 8] = [0, 1, 9, 15, 16, 0xdead_beef, u64::MAX >> 4, u64::MAX];
+        for n in values {
+            assert_eq!(
+                generated_id(&prefix, n).to_str().unwrap(),
+                format!("0a1b2c3d4e5f-{n:x}")
+            );
+        }
+    }
+
+    #[test]
+    fn a_plain_client_id_is_kept_and_anything_else_replaced() {
+        let kept = HeaderValue::from_static("req-42_a.b:c");
+        assert_eq!(request_id(Some(&kept)), kept);
+        let odd = HeaderValue::from_static("has space");
+        let made = request_id(Some(&odd));
+        assert_ne!(made, odd);
+        let made = made.to_str().unwrap();
+        let (prefix, counter) = made.split_once('-').unwrap();
+        assert_eq!(prefix.len(), 12);
+        let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+        assert!(hex(prefix) && hex(counter));
+        assert_ne!(request_id(None), request_id(None), "two made ids differ");
+    }
 }
